@@ -1,0 +1,363 @@
+"""Thin Kafka helpers over kafka-python: topics, clients, a dropping frame publisher, DLQ, offsets.
+
+Topic arguments are logical names ("frames") mapped through ``KafkaSettings.topic``; a name that
+already carries the prefix is used as is, so passing ``kafka.topic("frames")`` is harmless too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError, KafkaTimeoutError, for_code
+from kafka.producer.future import FutureRecordMetadata
+
+from pipeline.config import KafkaSettings
+from pipeline.logging import get_logger
+from pipeline.metrics import CONSUMER_LAG, DLQ_RECORDS, FRAMES_DROPPED, FRAMES_PUBLISHED
+from schemas import DeadLetter
+
+log = get_logger(__name__)
+
+TOPICS: tuple[str, ...] = ("frames", "scores", "defects", "dlq")
+DLQ_HEADER_KEY = "linewatch-dlq"
+Headers = list[tuple[str, bytes]]
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def topic_name(kafka: KafkaSettings, name: str) -> str:
+    """Full topic name; idempotent so callers may pass either form."""
+    return name if name.startswith(f"{kafka.topic_prefix}.") else kafka.topic(name)
+
+
+# -- topics and clients -------------------------------------------------------------------------
+def create_topics(kafka: KafkaSettings, names: Sequence[str] = TOPICS) -> list[str]:
+    """Create the topics that are missing; existing ones are fine. Returns the full names."""
+    full = [topic_name(kafka, n) for n in names]
+    admin = KafkaAdminClient(**kafka.client_kwargs(), client_id="linewatch-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in full if t not in existing]
+        if missing:
+            spec = {t: {"num_partitions": kafka.partitions, "replication_factor": kafka.replication_factor}
+                    for t in missing}
+            # raise_errors=False: another worker creating the same topic concurrently is not an error.
+            result = admin.create_topics(spec, raise_errors=False)
+            for topic in result["topics"]:
+                code = topic["error_code"]
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    raise for_code(code)(f"creating topic {topic['name']}: {topic.get('error_message')}")
+            admin.wait_for_topics(missing)
+        log.info("topics_ready", topics=full, created=missing, partitions=kafka.partitions)
+    finally:
+        admin.close()
+    return full
+
+
+def make_producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    config: dict[str, Any] = {
+        **kafka.client_kwargs(),
+        "acks": "all",
+        # A few ms of batching costs nothing against camera frame intervals.
+        "linger_ms": 5,
+        "max_request_size": kafka.max_message_bytes,
+        "retries": 5,
+        "retry_backoff_ms": 200,
+    }
+    config.update(overrides)
+    return KafkaProducer(**config)
+
+
+def make_consumer(
+    kafka: KafkaSettings, group_id: str | None, topics: Sequence[str], **overrides: Any
+) -> KafkaConsumer:
+    """A manually committing consumer; empty ``topics`` leaves assignment to the caller."""
+    config: dict[str, Any] = {
+        **kafka.client_kwargs(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": kafka.session_timeout_ms,
+        "heartbeat_interval_ms": kafka.heartbeat_interval_ms,
+        "max_poll_interval_ms": kafka.max_poll_interval_ms,
+        # One partition fetch must fit the largest frame we allow on the wire.
+        "max_partition_fetch_bytes": max(kafka.max_message_bytes, 1024 * 1024),
+        "fetch_max_bytes": max(4 * kafka.max_message_bytes, 50 * 1024 * 1024),
+    }
+    config.update(overrides)
+    consumer = KafkaConsumer(**config)
+    if topics:
+        consumer.subscribe([topic_name(kafka, t) for t in topics])
+    return consumer
+
+
+# -- offsets ------------------------------------------------------------------------------------
+def next_offsets(records: Iterable[ConsumerRecord]) -> dict[TopicPartition, int]:
+    """Offsets to commit after processing ``records``: last offset + 1 per partition."""
+    out: dict[TopicPartition, int] = {}
+    for rec in records:
+        tp = TopicPartition(rec.topic, rec.partition)
+        out[tp] = max(out.get(tp, 0), rec.offset + 1)
+    return out
+
+
+def commit_offsets(consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    """Synchronously commit next-to-read offsets (see ``next_offsets``).
+
+    At-least-once: call only after every record produced for these inputs has been acked.
+    """
+    if not offsets:
+        return
+    consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+
+
+def lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+    """Records behind the partition end for each assigned partition; updates CONSUMER_LAG."""
+    assigned = list(consumer.assignment())
+    if not assigned:
+        return {}
+    ends = consumer.end_offsets(assigned)
+    group = str(consumer.config.get("group_id") or "")
+    out: dict[TopicPartition, int] = {}
+    for tp in assigned:
+        # tansu 0.6 answers ListOffsets(latest) with the last batch's base offset + 1, so the
+        # high watermark from fetch responses (exact there) wins when it is known.
+        end = max(ends.get(tp) or 0, consumer.highwater(tp) or 0)
+        behind = max(0, end - consumer.position(tp))
+        out[tp] = behind
+        CONSUMER_LAG.labels(group=group, topic=tp.topic, partition=str(tp.partition)).set(behind)
+    return out
+
+
+# -- dead letters -------------------------------------------------------------------------------
+def send_dead_letter(
+    producer: KafkaProducer, kafka: KafkaSettings, record: ConsumerRecord, reason: str, stage: str
+) -> FutureRecordMetadata:
+    """Divert ``record`` unchanged to the DLQ with a ``linewatch-dlq`` header explaining why.
+
+    ``reason`` should start with a short code ("bad_header: ..."); the metric label keeps only the
+    part before the first colon so free text cannot explode label cardinality.
+    Returns the send future: wait on it before committing the source offset.
+    """
+    key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else record.key
+    letter = DeadLetter(
+        reason=reason, stage=stage, source_topic=record.topic, source_partition=record.partition,
+        source_offset=record.offset, key=key, ts=time.time(),
+    )
+    headers = [(k, v) for k, v in (record.headers or []) if k != DLQ_HEADER_KEY]
+    headers.append((DLQ_HEADER_KEY, letter.model_dump_json().encode()))
+    future = producer.send(topic_name(kafka, "dlq"), key=record.key, value=record.value, headers=headers)
+    DLQ_RECORDS.labels(stage=stage, reason=reason.split(":", 1)[0].strip()[:64]).inc()
+    log.warning("dead_letter", stage=stage, reason=reason, topic=record.topic,
+                partition=record.partition, offset=record.offset, key=key)
+    return future
+
+
+def read_dead_letter(headers: Headers | None) -> DeadLetter:
+    for k, v in headers or []:
+        if k == DLQ_HEADER_KEY:
+            return DeadLetter.model_validate_json(v)
+    raise ValueError(f"missing record header {DLQ_HEADER_KEY!r}")
+
+
+# -- capture-side publisher ---------------------------------------------------------------------
+@dataclass(slots=True)
+class _Pending:
+    camera_id: str
+    value: bytes
+    headers: Headers
+
+
+class DroppingPublisher:
+    """Non-blocking frame publisher for capture workers.
+
+    ``offer`` appends to a bounded buffer and returns at once; when the buffer is full the OLDEST
+    frame is dropped (live monitoring wants the newest). One background thread owns the producer,
+    (re)creates it while the broker is unreachable, and keeps at most ``max_in_flight`` frames
+    unacknowledged, so memory is bounded by ``max_buffered + max_in_flight`` frames.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: str = "frames",
+        max_buffered: int = 64,
+        max_in_flight: int = 8,
+        connect_retry_s: float = 1.0,
+        **producer_overrides: Any,
+    ) -> None:
+        if max_buffered < 1 or max_in_flight < 1:
+            raise ValueError("max_buffered and max_in_flight must be >= 1")
+        self.topic = topic_name(kafka, topic)
+        self.max_buffered = max_buffered
+        self.max_in_flight = max_in_flight
+        self._kafka = kafka
+        self._retry_s = connect_retry_s
+        # Short blocking limits: the sender thread must notice close() and an absent broker quickly.
+        self._overrides = {"bootstrap_timeout_ms": 2000, "max_block_ms": 5000, **producer_overrides}
+        self._cond = threading.Condition()
+        self._buffer: deque[_Pending] = deque()
+        self._in_flight = 0
+        self._stop = False
+        self._closed = False
+        self._producer: KafkaProducer | None = None
+        self._published: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._run, name=f"publisher-{self.topic}", daemon=True)
+        self._thread.start()
+
+    # -- public -------------------------------------------------------------------------------
+    def offer(self, camera_id: str, value: bytes, headers: Headers) -> bool:
+        """Queue a frame; False when this call had to drop a frame (an older one, or this one if closed)."""
+        with self._cond:
+            if self._closed:
+                self._count_drop(camera_id, "closed")
+                return False
+            dropped = False
+            if len(self._buffer) >= self.max_buffered:
+                self._count_drop(self._buffer.popleft().camera_id, "backpressure")
+                dropped = True
+            self._buffer.append(_Pending(camera_id, value, list(headers)))
+            self._cond.notify_all()
+        return not dropped
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything offered so far is acked or dropped; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._buffer and self._in_flight == 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain for up to ``timeout`` seconds, then stop; frames still buffered count as dropped."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self.flush(timeout)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        if self._producer is not None:
+            self._producer.close(timeout=max(0.1, deadline - time.monotonic()))
+        with self._cond:
+            while self._buffer:
+                self._count_drop(self._buffer.popleft().camera_id, "shutdown")
+        log.info("publisher_closed", topic=self.topic, published=self.published, dropped=self.dropped)
+
+    @property
+    def published(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self._published)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self._dropped)
+
+    @property
+    def buffered(self) -> int:
+        with self._cond:
+            return len(self._buffer)
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return self._in_flight
+
+    def __enter__(self) -> DroppingPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _count_drop(self, camera_id: str, reason: str) -> None:
+        # Caller holds self._cond.
+        self._dropped[camera_id] = self._dropped.get(camera_id, 0) + 1
+        FRAMES_DROPPED.labels(camera=camera_id, reason=reason).inc()
+
+    def _ensure_producer(self) -> KafkaProducer | None:
+        warned = False
+        while self._producer is None:
+            with self._cond:
+                if self._stop:
+                    return None
+            try:
+                producer = make_producer(self._kafka, **self._overrides)
+                with self._cond:
+                    if self._stop:  # close() ran while we were connecting
+                        producer.close(timeout=1)
+                        return None
+                    self._producer = producer
+                log.info("publisher_connected", topic=self.topic)
+            except KafkaError as exc:
+                # Keep capturing meanwhile: offer() drops oldest frames while we cannot send.
+                (log.debug if warned else log.warning)("publisher_broker_unavailable", error=str(exc))
+                warned = True
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stop, self._retry_s)
+        return self._producer
+
+    def _next(self) -> _Pending | None:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._stop or (self._buffer and self._in_flight < self.max_in_flight)
+            )
+            if self._stop:
+                return None
+            self._in_flight += 1
+            return self._buffer.popleft()
+
+    def _run(self) -> None:
+        while True:
+            producer = self._ensure_producer()
+            item = self._next() if producer is not None else None
+            if producer is None or item is None:
+                return
+            try:
+                future = producer.send(
+                    self.topic, key=item.camera_id.encode(), value=item.value, headers=item.headers
+                )
+            except KafkaTimeoutError as exc:
+                # Metadata not available in time: the frame is now the oldest; keep it if room.
+                log.warning("publisher_send_blocked", camera=item.camera_id, error=str(exc))
+                with self._cond:
+                    self._in_flight -= 1
+                    if len(self._buffer) < self.max_buffered:
+                        self._buffer.appendleft(item)
+                    else:
+                        self._count_drop(item.camera_id, "backpressure")
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._stop, self._retry_s)
+                continue
+            except Exception as exc:  # e.g. MessageSizeTooLargeError: this frame can never be sent
+                log.error("publisher_send_failed", camera=item.camera_id, error=repr(exc))
+                self._settle(item.camera_id, None)
+                continue
+            future.add_callback(self._on_ack, item.camera_id)
+            future.add_errback(self._on_error, item.camera_id)
+
+    def _on_ack(self, camera_id: str, _metadata: Any) -> None:
+        FRAMES_PUBLISHED.labels(camera=camera_id).inc()
+        self._settle(camera_id, "published")
+
+    def _on_error(self, camera_id: str, exc: BaseException) -> None:
+        log.warning("publisher_delivery_failed", camera=camera_id, error=repr(exc))
+        self._settle(camera_id, None)
+
+    def _settle(self, camera_id: str, outcome: str | None) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if outcome == "published":
+                self._published[camera_id] = self._published.get(camera_id, 0) + 1
+            else:
+                self._count_drop(camera_id, "send_failed")
+            self._cond.notify_all()

@@ -1,0 +1,16 @@
+"""Message schemas shared by every linewatch component (pydantic v2)."""
+
+from schemas.events import DefectEvent, Region
+from schemas.frames import FRAME_HEADER_KEY, SCHEMA_VERSION, FrameHeader, FrameRef
+from schemas.scores import DeadLetter, ScoreMessage
+
+__all__ = [
+    "FRAME_HEADER_KEY",
+    "SCHEMA_VERSION",
+    "DeadLetter",
+    "DefectEvent",
+    "FrameHeader",
+    "FrameRef",
+    "Region",
+    "ScoreMessage",
+]
