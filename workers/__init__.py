@@ -1,0 +1,1 @@
+"""Long-running workers: capture, scoring, alerting."""
