@@ -1,0 +1,213 @@
+"""The one module that touches open_clip's model internals.
+
+Everything the anomaly methods need from a CLIP ViT goes through `ClipBackbone`: token
+embedding, the transformer blocks, pooling and projection. open_clip has changed these
+internals before (sequence-first vs batch-first transformers), silently breaking code that
+reached into them from model code; here they are guarded by `self_check` (run at load) and by
+tests that compare this adapter with open_clip's public `encode_image`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class BackboneError(RuntimeError):
+    """The CLIP model cannot be used by the anomaly methods (structure or numerical check)."""
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """One full forward.
+
+    pooled: (B, D) projected image embedding; patches: (B, P, C) final patch tokens after
+    ln_post, unprojected; embeds: (B, 1+P, C) tokens after class and positional embedding,
+    before ln_pre (what windows are cut from); layers: {layer index (1-based): (B, P, C)
+    patch tokens after that block, before ln_post}.
+    """
+
+    pooled: torch.Tensor
+    patches: torch.Tensor
+    embeds: torch.Tensor
+    layers: dict[int, torch.Tensor]
+
+
+class ClipBackbone:
+    """Adapter over an open_clip CLIP model with a ViT image tower (class-token pooling)."""
+
+    def __init__(self, model: nn.Module, tokenizer: object, name: str) -> None:
+        visual = getattr(model, "visual", None)
+        required = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post",
+                    "proj", "patch_dropout")
+        missing = [a for a in required if visual is None or not hasattr(visual, a)]
+        if missing:
+            raise BackboneError(f"{name}: image tower is not an open_clip VisionTransformer (missing {missing})")
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise BackboneError(f"{name}: only class-token pooling is supported")
+        if getattr(visual, "final_ln_after_pool", False):
+            raise BackboneError(f"{name}: final_ln_after_pool models are not supported")
+        self.model = model.eval()
+        self.visual = visual
+        self.tokenizer = tokenizer
+        self.name = name
+        self.blocks: nn.ModuleList = visual.transformer.resblocks
+        # Older open_clip blocks were sequence-first; current ones are batch-first. Decided once here.
+        self.batch_first: bool = bool(getattr(visual.transformer, "batch_first", True))
+        size = visual.image_size
+        self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        self.grid_size: tuple[int, int] = tuple(visual.grid_size)
+        self.n_patches = self.grid_size[0] * self.grid_size[1]
+        self.n_layers = len(self.blocks)
+        self.embed_dim = int(visual.proj.shape[1])
+        self.width = int(visual.proj.shape[0])
+        pre = getattr(visual, "preprocess_cfg", None) or {}
+        self.mean = tuple(pre.get("mean", OPENAI_MEAN))
+        self.std = tuple(pre.get("std", OPENAI_STD))
+
+    # -- devices ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.visual.proj.device
+
+    def to(self, device: torch.device | str) -> ClipBackbone:
+        self.model.to(device)
+        return self
+
+    # -- text ------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts)
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens a prompt needs including start/end tokens (context is 77 for CLIP)."""
+        encoder = getattr(self.tokenizer, "encode", None)
+        if encoder is None:
+            return 0
+        return len(encoder(prompt)) + 2
+
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(N,) prompts -> (N, D) unnormalised text embeddings, fp32."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            tokens = self.tokenize(prompts[i : i + batch_size]).to(self.device)
+            out.append(self.model.encode_text(tokens).float())
+        return torch.cat(out)
+
+    # -- image -----------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, 1+P, C) class + patch tokens with positions."""
+        v = self.visual
+        x = v.conv1(images)
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        return x + v.positional_embedding.to(x.dtype)
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+                   collect: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run blocks [start, stop) on batch-first tokens (B, L, C).
+
+        Returns the output and {1-based layer: (B, L, C)} for layers in ``collect``.
+        """
+        stop = self.n_layers if stop is None else stop
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        taken: dict[int, torch.Tensor] = {}
+        for i in range(start, stop):
+            x = self.blocks[i](x)
+            if i + 1 in collect:
+                taken[i + 1] = x if self.batch_first else x.transpose(0, 1)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        return x, taken
+
+    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final tokens (B, L, C) -> (projected class embedding (B, D), normed patch tokens (B, L-1, C))."""
+        x = self.visual.ln_post(x)
+        return x[:, 0] @ self.visual.proj, x[:, 1:]
+
+    def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Intermediate patch tokens (B, P, C) -> joint space (B, P, D) along the class token's path."""
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+    def encode(self, images: torch.Tensor, collect: tuple[int, ...] = ()) -> ImageTokens:
+        """One full forward of the image tower, keeping what the methods reuse."""
+        embeds = self.embed(images)
+        x = self.visual.ln_pre(self.visual.patch_dropout(embeds))
+        x, layers = self.run_blocks(x, collect=collect)
+        pooled, patches = self.pool(x)
+        return ImageTokens(pooled=pooled, patches=patches, embeds=embeds,
+                           layers={k: v[:, 1:] for k, v in layers.items()})
+
+    def encode_windows(self, embeds: torch.Tensor, masks: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Window embeddings by token masking.
+
+        embeds: (B, 1+P, C) from `embed`; masks: (k*k, W) patch indices. Each window is the class
+        token plus its patch tokens (positions kept), run through every block. Returns (B, W, D).
+        """
+        batch = embeds.shape[0]
+        n_windows = masks.shape[1]
+        index = torch.cat([torch.zeros(1, n_windows, dtype=torch.long, device=masks.device), masks + 1]).T
+        seqs = embeds[:, index.to(embeds.device)]  # (B, W, 1+k*k, C)
+        seqs = seqs.reshape(batch * n_windows, index.shape[1], -1)
+        out = []
+        for i in range(0, seqs.shape[0], chunk):
+            x = self.visual.ln_pre(self.visual.patch_dropout(seqs[i : i + chunk]))
+            x, _ = self.run_blocks(x)
+            out.append(self.pool(x)[0])
+        return torch.cat(out).reshape(batch, n_windows, -1)
+
+    def last_block_value_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block with value-value self-attention (training-free locality fix).
+
+        x: (B, L, C) tokens entering the last block -> (B, L, C). Residuals and MLP are kept;
+        softmax(QK^T) is replaced by softmax(VV^T * scale) so each patch attends to patches that
+        look like it rather than to a few global sink tokens.
+        """
+        blk = self.blocks[-1]
+        attn = getattr(blk, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+            raise BackboneError(f"{self.name}: value-value attention needs a standard attention block")
+        heads = attn.num_heads
+        y = blk.ln_1(x)
+        width = y.shape[-1]
+        w_v = attn.in_proj_weight[2 * width :]
+        b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
+        v = F.linear(y, w_v, b_v)
+        b, length, _ = v.shape
+        vh = v.view(b, length, heads, width // heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(vh, vh, vh)
+        out = attn.out_proj(out.transpose(1, 2).reshape(b, length, width))
+        x = x + blk.ls_1(out)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    # -- guard -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def self_check(self, tolerance: float = 1e-4) -> float:
+        """Windows over the full grid must reproduce the image embedding; raises BackboneError.
+
+        Catches sequence-/batch-first mistakes and index offsets, which otherwise fail silently.
+        Returns the max abs difference.
+        """
+        gen = torch.Generator().manual_seed(0)
+        image = torch.randn(1, 3, *self.image_size, generator=gen).to(self.device, self.visual.proj.dtype)
+        public = self.model.encode_image(image)
+        public = public[0] if isinstance(public, tuple) else public
+        tokens = self.encode(image)
+        full = torch.arange(self.n_patches, device=self.device).unsqueeze(1)
+        windowed = self.encode_windows(tokens.embeds, full)[:, 0]
+        diff = max(float((public - tokens.pooled).abs().max()), float((windowed - public).abs().max()))
+        if diff > tolerance:
+            raise BackboneError(
+                f"{self.name}: adapter disagrees with open_clip {open_clip.__version__} encode_image "
+                f"(max abs diff {diff:.3g} > {tolerance}); the backbone internals changed"
+            )
+        return diff

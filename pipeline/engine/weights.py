@@ -1,0 +1,97 @@
+"""Creating a CLIP backbone from configuration: an open_clip tag, a local file, or "random".
+
+The engine never falls back to random weights by itself: a tag that cannot be downloaded or a
+file that does not match the architecture is an error naming what was tried. "random" must be
+asked for explicitly and is announced with a warning on every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+
+from pipeline.engine.backbone import ClipBackbone
+from pipeline.engine.synthetic_weights import synthetic_state_dict
+from pipeline.logging import get_logger
+
+log = get_logger(__name__)
+
+RANDOM = "random"
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be loaded; the message says what was tried."""
+
+
+def file_digest(path: Path, limit: int = 1 << 62) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+            limit -= len(chunk)
+            if limit <= 0:
+                break
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(backbone: str, pretrained: str, seed: int = 0) -> str:
+    """Identifies the exact weights; part of every prompt-cache key and score message."""
+    if pretrained == RANDOM:
+        source = f"random-seed{seed}"
+    elif os.path.isfile(pretrained):
+        source = "file-" + file_digest(Path(pretrained))
+    else:
+        source = f"tag-{pretrained}"
+    return hashlib.sha256(f"{backbone}|{source}|open_clip".encode()).hexdigest()[:12] + f":{backbone}:{source}"
+
+
+def _check_model_name(backbone: str) -> None:
+    if backbone not in open_clip.list_models():
+        raise WeightsError(f"unknown backbone {backbone!r}; open_clip models include e.g. ViT-B-16-plus-240")
+
+
+def create_random_model(backbone: str, seed: int = 0) -> torch.nn.Module:
+    """Architecture with deterministic synthetic weights (identical across open_clip versions)."""
+    _check_model_name(backbone)
+    model = open_clip.create_model(backbone, pretrained=None)
+    model.load_state_dict(synthetic_state_dict(model.state_dict(), seed=seed))
+    return model
+
+
+def load_model(backbone: str, pretrained: str, cache_dir: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """The real loading path: tag (downloaded where a network exists) or local checkpoint file."""
+    _check_model_name(backbone)
+    if pretrained == RANDOM:
+        log.warning("random_weights", backbone=backbone, seed=seed,
+                    detail="pretrained=random: scores are meaningless; for tests, benchmarks and demos only")
+        return create_random_model(backbone, seed)
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    is_file = os.path.isfile(pretrained)
+    if not is_file and pretrained not in tags:
+        hint = "a file path that exists" if ("/" in pretrained or pretrained.endswith((".pt", ".bin"))) else ""
+        raise WeightsError(
+            f"pretrained {pretrained!r} for {backbone} is neither a known open_clip tag ({', '.join(tags)}) "
+            f"nor {hint or 'an existing file'}"
+        )
+    try:
+        model = open_clip.create_model(backbone, pretrained=pretrained, cache_dir=cache_dir,
+                                       require_pretrained=True)
+    except Exception as exc:  # open_clip raises RuntimeError, OSError, hub errors...
+        what = f"file {pretrained}" if is_file else f"open_clip tag {pretrained!r} (download)"
+        raise WeightsError(f"could not load weights for {backbone} from {what}: {exc}") from exc
+    return model
+
+
+def load_backbone(backbone: str, pretrained: str, device: str | torch.device = "cpu",
+                  cache_dir: str | None = None, self_check: bool = True) -> tuple[ClipBackbone, str]:
+    """Model + tokenizer wrapped in the adapter, moved to the device; returns (backbone, fingerprint)."""
+    model = load_model(backbone, pretrained, cache_dir)
+    adapter = ClipBackbone(model, open_clip.get_tokenizer(backbone), backbone).to(device)
+    if self_check:
+        diff = adapter.self_check()
+        log.debug("backbone_self_check", backbone=backbone, max_abs_diff=diff)
+    return adapter, weights_fingerprint(backbone, pretrained)
