@@ -1,0 +1,1 @@
+"""Scoring stage: validated frames in, score messages out (engine-agnostic of Kafka)."""
