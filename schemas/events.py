@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.binary import Binary
 
 
 class Region(BaseModel):
@@ -38,8 +40,8 @@ class DefectEvent(BaseModel):
     width: int
     height: int
     regions: list[Region]
-    mask_png: Base64Bytes
-    thumbnail_jpeg: Base64Bytes
+    mask_png: Binary
+    thumbnail_jpeg: Binary
     replay_session: str | None = None
 
     @staticmethod

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.binary import Binary
 from schemas.frames import FrameRef
 
 
@@ -18,11 +19,11 @@ class ScoreMessage(BaseModel):
     schema_version: int = 1
     frame: FrameRef
     image_score: float
-    anomaly_map_png: Base64Bytes
+    anomaly_map_png: Binary
     map_min: float
     map_max: float
     # A small JPEG of the frame so alerting can draw thumbnails without refetching frames.
-    thumbnail_jpeg: Base64Bytes
+    thumbnail_jpeg: Binary
     model_fingerprint: str
     method: str
     latency_ms: float = Field(ge=0, description="capture to score, milliseconds")
