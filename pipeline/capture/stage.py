@@ -59,8 +59,10 @@ def _counter(publisher: object, name: str, camera_id: str) -> int:
 class CaptureStage:
     """Reads one camera and offers each encoded frame to the publisher.
 
-    ``seq`` is per stage instance: it starts at 0 and only counts frames actually offered, so
-    downstream sees a gap-free sequence unless the publisher drops.
+    ``seq`` only counts frames actually offered, so downstream sees a gap-free sequence unless
+    the publisher drops. A replay starts at 0 (its session keeps it apart); a live camera starts
+    at the epoch in milliseconds, so a restarted capture worker continues above the sequence
+    numbers it used before (alerting ignores numbers it has already seen) at up to 1000 fps.
     """
 
     def __init__(
@@ -69,12 +71,15 @@ class CaptureStage:
         capture_settings: CaptureSettings,
         publisher: FramePublisher,
         replay_session: str | None = None,
+        seq_start: int | None = None,
     ) -> None:
         self.camera = camera
         self.settings = capture_settings
         self.publisher = publisher
         self.replay_session = replay_session
-        self.seq = 0
+        if seq_start is None:
+            seq_start = 0 if replay_session else int(time.time() * 1000)
+        self.seq = seq_start
         self._log = get_logger(__name__).bind(camera=camera.id)
 
     def open(self, stop: threading.Event) -> FrameSource:
