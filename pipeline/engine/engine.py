@@ -115,14 +115,18 @@ class AnomalyEngine:
         """Register k normal reference frames for a class (WinCLIP+ / ALFA patch memory)."""
         if not images:
             raise ValueError(f"no reference images for class {product_class!r}")
-        batch = self._prepare(images)
+        self.set_reference_batch(product_class, self._prepare(images))
+
+    def set_reference_batch(self, product_class: str, batch: torch.Tensor) -> None:
+        """Register already-normalised reference images (k, 3, h, w)."""
+        batch = batch.to(self.device)
         with self._autocast(), torch.inference_mode():
             if self.method == "winclip":
                 memory: ReferenceMemory | torch.Tensor = self.winclip.reference_memory(batch)
             else:
                 memory = self.alfa.reference_memory(batch).float()
         self._references[product_class] = memory
-        log.info("references_set", product_class=product_class, k_shot=len(images))
+        log.info("references_set", product_class=product_class, k_shot=batch.shape[0])
 
     def load_references(self, product_class: str, folder: Path, k_shot: int = 0) -> int:
         """Reference images from folder/<class>/ if present, else folder itself; k_shot=0 takes all."""

@@ -1,0 +1,112 @@
+"""Streaming commands: `run` (a whole small site), `capture`, `alert`, the scoring worker, `topics`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+from pipeline.config import Settings, load_settings
+from pipeline.logging import get_logger
+from pipeline.metrics import serve_metrics
+
+log = get_logger(__name__)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM so worker loops finish their batch and commit."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    if settings.kafka.bootstrap_servers is None:
+        raise ValueError("no Kafka bootstrap servers configured (LINEWATCH_KAFKA__BOOTSTRAP_SERVERS); "
+                         "`linewatch run` starts an embedded broker instead")
+    serve_metrics(settings.metrics.port)
+    return settings
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from workers.capture import run_capture
+
+    settings = _settings(args)
+    stats = run_capture(settings, args.camera or None, stop_on_signals(), replay_session=args.replay_session)
+    if args.stats_file:
+        Path(args.stats_file).write_text(json.dumps({k: vars(v) for k, v in stats.items()}))
+    return 1 if stats and all(s.error for s in stats.values()) else 0
+
+
+def run_score_worker(args: argparse.Namespace) -> int:
+    from workers.score import run_score
+
+    settings = _settings(args)
+    if getattr(args, "method", None):
+        settings.engine.method = args.method
+    run_score(settings, stop_on_signals())
+    return 0
+
+
+def cmd_alert(args: argparse.Namespace) -> int:
+    from workers.alert import run_alert
+
+    run_alert(_settings(args), stop_on_signals())
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from pipeline.bus import TOPICS, create_topics
+
+    settings = _settings(args)
+    created = create_topics(settings.kafka, TOPICS)
+    for name in created:
+        sys.stdout.write(name + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.site import Site
+
+    settings = load_settings(args.config)
+    if not settings.cameras:
+        raise ValueError("no cameras configured: add a `cameras:` list to the config file")
+    replay = f"replay-{uuid.uuid4().hex[:8]}" if args.replay else None
+    site = Site(settings, config_file=args.config, replay_session=replay, run_dir=args.run_dir)
+    return site.run(exit_when_done=args.exit_when_done)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="every worker of a small site in one process tree (embedded broker/cache "
+                                   "when none is configured)")
+    p.add_argument("--replay", action="store_true",
+                   help="tag frames as a replay session: no staleness limit, alert state kept apart")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="stop once finite sources are captured, scored and alerted, then print a summary")
+    p.add_argument("--run-dir", default=None, help="where worker logs go (default: a temp folder)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("capture", help="run capture workers for configured cameras")
+    p.add_argument("--camera", action="append", help="camera id (repeatable; default: all configured)")
+    p.add_argument("--replay-session", default=None, help="tag frames with this replay session id")
+    p.add_argument("--stats-file", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("alert", help="run an alert worker")
+    p.set_defaults(func=cmd_alert)
+
+    p = sub.add_parser("topics", help="manage Kafka topics")
+    topics = p.add_subparsers(dest="topics_command", required=True)
+    t = topics.add_parser("create", help="create the linewatch topics with the configured partitions")
+    t.set_defaults(func=cmd_topics)
