@@ -15,7 +15,7 @@ def test_adapter_matches_public_encode_image(name: str) -> None:
     bb, _ = backbone(name)
     images = torch.randn(2, 3, *bb.image_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        public_pooled, public_tokens = bb.model.encode_image(images) if bb.visual.output_tokens else (
+        public_pooled, _tokens = bb.model.encode_image(images) if bb.visual.output_tokens else (
             bb.model.encode_image(images), None)
         ours = bb.encode(images)
     assert ours.pooled.shape == (2, bb.embed_dim)

@@ -23,7 +23,7 @@ def test_checkpoint_file_loads_through_the_real_path(tmp_path: Path) -> None:
     loaded = load_model(SMALL, str(ckpt))
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
-    bb, fingerprint = load_backbone(SMALL, str(ckpt))
+    _, fingerprint = load_backbone(SMALL, str(ckpt))
     assert "file-" in fingerprint
     assert fingerprint != weights_fingerprint(SMALL, "random")
 
@@ -49,7 +49,7 @@ def test_unknown_tag_lists_known_tags() -> None:
 
 
 def test_missing_file_is_named() -> None:
-    with pytest.raises(WeightsError, match="/nope/weights.pt"):
+    with pytest.raises(WeightsError, match=r"/nope/weights\.pt"):
         load_model(SMALL, "/nope/weights.pt")
 
 
