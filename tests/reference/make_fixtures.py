@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from open_clip.version import __version__ as OPEN_CLIP_VERSION  # noqa: N812
+from open_clip.version import __version__ as OPEN_CLIP_VERSION
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -107,7 +107,7 @@ def make_parity(model: object, data: Path) -> None:
 
 def make_aupro() -> None:
     """Synthetic maps/masks and anomalib's AUPRO on them, to check linewatch's metric."""
-    from anomalib.metrics.aupro import _AUPRO as AUPRO  # noqa: N814 - the plain torchmetrics metric
+    from anomalib.metrics.aupro import _AUPRO as AUPRO
 
     rng = np.random.default_rng(0)
     n, size = 6, 64
