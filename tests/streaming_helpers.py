@@ -1,0 +1,108 @@
+"""Helpers for streaming tests: publish frames, read topics, run workers in threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+
+from pipeline.bus import create_topics, make_producer, topic_name
+from pipeline.config import EngineSettings, KafkaSettings, RedisSettings, ScoringSettings, Settings
+from pipeline.engine.engine import AnomalyEngine
+from pipeline.imaging import encode_jpeg
+from schemas import FrameHeader
+from tests.engine_helpers import SMALL, backbone
+
+
+def small_engine(method: str = "winclip", cache: Any = None) -> AnomalyEngine:
+    bb, fp = backbone(SMALL)
+    settings = EngineSettings(method=method, backbone=SMALL, pretrained="random", precision="fp32")
+    return AnomalyEngine(settings, backbone=bb, fingerprint=fp, cache=cache)
+
+
+def site_settings(kafka: KafkaSettings, redis: RedisSettings | None = None, **scoring: Any) -> Settings:
+    return Settings(
+        kafka=kafka,
+        redis=redis or RedisSettings(),
+        engine=EngineSettings(backbone=SMALL, pretrained="random", precision="fp32"),
+        scoring=ScoringSettings(**{"max_batch": 8, "max_wait_ms": 100, "staleness_s": None, **scoring}),
+    )
+
+
+def frame_header(camera: str, seq: int, image: np.ndarray, **kw: Any) -> FrameHeader:
+    fields: dict[str, Any] = {"camera_id": camera, "line_id": "line-1", "product_class": "ball_screw", "seq": seq,
+                              "capture_ts": time.time(), "width": image.shape[1], "height": image.shape[0]}
+    fields.update(kw)
+    return FrameHeader(**fields)
+
+
+def publish_frames(kafka: KafkaSettings, frames: list[tuple[str, int, np.ndarray]], **header_kw: Any) -> None:
+    """(camera, seq, rgb) tuples -> frames topic, like the capture worker does."""
+    create_topics(kafka)
+    producer = make_producer(kafka)
+    for camera, seq, image in frames:
+        header = frame_header(camera, seq, image, **header_kw)
+        producer.send(topic_name(kafka, "frames"), key=camera.encode(), value=encode_jpeg(image),
+                      headers=header.to_header())
+    producer.flush()
+    producer.close()
+
+
+def read_topic(kafka: KafkaSettings, name: str, min_count: int, timeout_s: float = 60.0,
+               until: Callable[[list], bool] | None = None) -> list:
+    """All records of a topic (manual assignment, from the start) once min_count are there."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
+    topic = topic_name(kafka, name)
+    deadline = time.monotonic() + timeout_s
+    parts = None
+    while parts is None and time.monotonic() < deadline:
+        parts = consumer.partitions_for_topic(topic)
+        time.sleep(0.1) if parts is None else None
+    tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    records: list = []
+    try:
+        while time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=200).values():
+                records.extend(recs)
+            if len(records) >= min_count and (until is None or until(records)):
+                break
+    finally:
+        consumer.close()
+    return records
+
+
+class Background:
+    """Run a worker function in a thread with a stop event; join on exit."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.stop = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self.result = fn(*args, self.stop, **kwargs)
+            except BaseException as exc:  # surfaced by join()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+
+    def __enter__(self) -> Background:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.join()
+
+    def join(self, timeout: float = 60.0) -> Any:
+        self.stop.set()
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
