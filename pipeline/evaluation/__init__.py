@@ -1,0 +1,1 @@
+"""Offline evaluation on MVTec-AD-style datasets: metrics, dataset walking, the eval runner."""
