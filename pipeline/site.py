@@ -112,6 +112,11 @@ class Site:
     # -- main loop ------------------------------------------------------------------------------
     def run(self, exit_when_done: bool = False) -> int:
         started = time.time()
+        if self.settings.engine.pretrained == "random":
+            bar = "!" * 78
+            self.say(f"{bar}\n!! RANDOM WEIGHTS: engine.pretrained is 'random'. Scores, events and masks below\n"
+                     f"!! show the pipeline working but MEAN NOTHING. Set engine.pretrained to an\n"
+                     f"!! open_clip tag (laion400m_e31) or a checkpoint file for real inspection.\n{bar}")
         with contextlib.ExitStack() as stack:
             env = self._start_infrastructure(stack)
             create_topics(self.settings.kafka, TOPICS)

@@ -26,7 +26,7 @@ class ScoreMessage(BaseModel):
     thumbnail_jpeg: Binary
     model_fingerprint: str
     method: str
-    latency_ms: float = Field(ge=0, description="capture to score, milliseconds")
+    latency_ms: float = Field(ge=0, description="capture (replays: publication) to score, milliseconds")
     scored_ts: float
 
 

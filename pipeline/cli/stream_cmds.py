@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.config import Settings, load_settings
-from pipeline.logging import get_logger
+from pipeline.logging import configure_logging, get_logger
 from pipeline.metrics import serve_metrics
 
 log = get_logger(__name__)
@@ -79,6 +79,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.site import Site
 
+    if args.log_level is None:
+        # The site prints events and a summary; worker logs go to files in the run folder.
+        configure_logging("warning")
     settings = load_settings(args.config)
     if not settings.cameras:
         raise ValueError("no cameras configured: add a `cameras:` list to the config file")

@@ -140,10 +140,18 @@ class ScoringStage:
         FRAMES_SCORED.labels(product_class=product_class, method=self.engine.method).inc(len(group))
         return list(results)
 
+    @staticmethod
+    def _ingest_ts(frame: Frame) -> float:
+        """Capture time for live frames; for replays (recorded hours ago) the broker's append time."""
+        broker_ms = getattr(frame.source, "timestamp", None)
+        if frame.header.replay_session is not None and isinstance(broker_ms, int) and broker_ms > 0:
+            return broker_ms / 1000.0
+        return frame.header.capture_ts
+
     def _message(self, frame: Frame, result: FrameScore) -> ScoreMessage:
         png, lo, hi = quantize_map(result.anomaly_map, self.settings.map_size)
         now = self.clock()
-        latency = max(0.0, now - frame.header.capture_ts)
+        latency = max(0.0, now - self._ingest_ts(frame))
         END_TO_END_SECONDS.observe(latency)
         return ScoreMessage(
             frame=frame.header.ref(), image_score=result.image_score, anomaly_map_png=png, map_min=lo,
