@@ -34,8 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level or "info")
-    from pipeline.engine.llm import LLMError
-    from pipeline.engine.weights import WeightsError
+    from pipeline.errors import LLMError, WeightsError
     from pipeline.imaging import FrameDecodeError
 
     try:

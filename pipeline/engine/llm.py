@@ -9,13 +9,10 @@ from typing import Any
 
 import httpx
 
+from pipeline.errors import LLMError
 from pipeline.logging import get_logger
 
 log = get_logger(__name__)
-
-
-class LLMError(RuntimeError):
-    """The endpoint failed or answered something unusable, after retries."""
 
 
 class ChatClient:

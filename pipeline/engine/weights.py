@@ -16,15 +16,12 @@ import torch
 
 from pipeline.engine.backbone import ClipBackbone
 from pipeline.engine.synthetic_weights import synthetic_state_dict
+from pipeline.errors import WeightsError
 from pipeline.logging import get_logger
 
 log = get_logger(__name__)
 
 RANDOM = "random"
-
-
-class WeightsError(RuntimeError):
-    """Weights could not be loaded; the message says what was tried."""
 
 
 def file_digest(path: Path, limit: int = 1 << 62) -> str:
