@@ -1,10 +1,11 @@
-"""`linewatch eval`: score a category's test set, compute metrics, draw overlays."""
+"""`linewatch eval`: score a category's test set, compute image and pixel metrics, draw overlays."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -12,92 +13,138 @@ from tqdm import tqdm
 
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.evaluation.metrics import aupro, auroc, f1_max
-from pipeline.evaluation.mvtec import Item
-from pipeline.imaging import heat_overlay, read_image
+from pipeline.evaluation.mvtec import EvalItem
+from pipeline.imaging import encode_png, heat_overlay, read_image
+from pipeline.logging import get_logger
 
-PIXEL_EVAL_LONG_SIDE = 256  # pixel metrics at a bounded size: memory stays flat on big datasets
+log = get_logger(__name__)
+
+# Pixel metrics at a bounded size: memory and sort time stay flat however large the images are.
+PIXEL_EVAL_LONG_SIDE = 256
+AUPRO_FPR_LIMIT = 0.3
 
 
-def _eval_size(shape: tuple[int, int]) -> tuple[int, int]:
+def eval_size(shape: tuple[int, int], long_side: int = PIXEL_EVAL_LONG_SIDE) -> tuple[int, int]:
+    """(H, W) -> (H', W') with the long side at long_side and the aspect ratio kept."""
     h, w = shape
-    scale = PIXEL_EVAL_LONG_SIDE / max(h, w)
-    return max(1, round(w * scale)), max(1, round(h * scale))
+    scale = long_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def _mask(item: Item, shape: tuple[int, int]) -> np.ndarray:
+def read_mask(item: EvalItem, shape: tuple[int, int]) -> np.ndarray:
+    """Ground truth (H, W) uint8 in {0, 1} at the image's size; all zeros for normal images."""
     if item.mask is None:
         return np.zeros(shape, dtype=np.uint8)
     mask = cv2.imread(str(item.mask), cv2.IMREAD_GRAYSCALE)
     if mask is None:
-        raise FileNotFoundError(f"unreadable mask {item.mask}")
+        raise FileNotFoundError(f"unreadable ground-truth mask {item.mask}")
     if mask.shape != shape:
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return (mask > 127).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Heat map over the image with the ground-truth contour in white."""
+    """RGB (H, W, 3) image with the heat map (H', W') blended in and the mask (H, W) outlined in white."""
     out = heat_overlay(image, anomaly_map, vmin, vmax)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, (255, 255, 255), 2)
     return out
 
 
-def evaluate(engine: AnomalyEngine, items: list[Item], product_class: str, out_dir: Path, batch_size: int = 4,
-             n_overlays: int = 8, progress: bool = True) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sample = {int(i) for i in np.linspace(0, len(items) - 1, min(n_overlays, len(items)))}
-    scores, labels, maps, masks = [], [], [], []
-    overlays: list[tuple[Item, np.ndarray, np.ndarray, np.ndarray]] = []
-    start = time.perf_counter()
-    bar = tqdm(total=len(items), desc=f"eval {product_class}", unit="img", disable=not progress)
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        images = [read_image(str(it.path)) for it in chunk]
-        for j, (item, image, result) in enumerate(zip(chunk, images, engine.score(images, product_class),
-                                                      strict=True)):
-            mask = _mask(item, image.shape[:2])
-            size = _eval_size(image.shape[:2])
-            maps.append(cv2.resize(result.anomaly_map, size, interpolation=cv2.INTER_LINEAR))
-            masks.append(cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST))
-            scores.append(result.image_score)
-            labels.append(item.label)
-            if i + j in sample:
-                overlays.append((item, image, result.anomaly_map, mask))
-        bar.update(len(chunk))
-    bar.close()
-    seconds = time.perf_counter() - start
-    # Pixel metrics need one array: pad each map to the largest eval size (padding is normal, low).
-    h = max(m.shape[0] for m in maps)
-    w = max(m.shape[1] for m in maps)
-    floor = float(min(m.min() for m in maps))
-    all_maps = np.full((len(maps), h, w), floor, dtype=np.float32)
-    all_masks = np.zeros((len(maps), h, w), dtype=np.uint8)
-    for k, (m, g) in enumerate(zip(maps, masks, strict=True)):
-        all_maps[k, : m.shape[0], : m.shape[1]] = m
-        all_masks[k, : g.shape[0], : g.shape[1]] = g
-    y = np.array(labels)
-    metrics = {
-        "image_auroc": auroc(np.array(scores), y),
-        "pixel_auroc": auroc(all_maps.ravel(), all_masks.ravel()),
-        "aupro": aupro(all_maps, all_masks, 0.3),
-        "f1_max": f1_max(np.array(scores), y),
-        "pixel_f1_max": f1_max(all_maps.ravel(), all_masks.ravel()),
+def overlay_sample(labels: list[int], n: int) -> set[int]:
+    """Indices of about n items spread evenly over each label, half normal and half anomalous."""
+    by_label = {lab: [i for i, v in enumerate(labels) if v == lab] for lab in (0, 1)}
+    want = {0: n // 2, 1: n - n // 2}
+    # A short label gives its unused share to the other.
+    for lab, other in ((0, 1), (1, 0)):
+        spare = want[lab] - len(by_label[lab])
+        if spare > 0:
+            want[lab] -= spare
+            want[other] += spare
+    picked: set[int] = set()
+    for lab, idx in by_label.items():
+        k = min(want[lab], len(idx))
+        if k > 0:
+            picked.update(idx[int(j)] for j in np.linspace(0, len(idx) - 1, k).round())
+    return picked
+
+
+def evaluate(engine: AnomalyEngine, items: list[EvalItem], product_class: str, out_dir: Path, batch_size: int = 4,
+             n_overlays: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Score every test item, write out_dir/metrics.json and out_dir/overlays/<stem>.png; return the metrics.
+
+    Pixel metrics (pixel_auroc, pixel_f1_max, aupro) use maps and masks resized to PIXEL_EVAL_LONG_SIDE
+    on the long side (`pixel_eval_size` in metrics.json). seconds_per_image counts the engine's time only
+    (no file decoding).
+    """
+    if not items:
+        raise ValueError("no test images to evaluate")
+    # Fail before minutes of scoring: image metrics are undefined without both kinds.
+    if len({it.label for it in items}) < 2:
+        raise ValueError("evaluation needs both normal (test/good) and anomalous test images")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    out_dir = Path(out_dir)
+    labels = [it.label for it in items]
+    sample = overlay_sample(labels, n_overlays)
+    scores: list[float] = []
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    kept: list[tuple[EvalItem, np.ndarray, np.ndarray, np.ndarray]] = []
+    model_seconds = 0.0
+    with tqdm(total=len(items), desc=f"eval {product_class}", unit="img", disable=not progress) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            images = [read_image(str(it.path)) for it in chunk]
+            t0 = time.perf_counter()
+            results = engine.score(images, product_class)
+            model_seconds += time.perf_counter() - t0
+            for offset, (item, image, result) in enumerate(zip(chunk, images, results, strict=True)):
+                mask = read_mask(item, image.shape[:2])
+                h, w = eval_size(image.shape[:2])
+                maps.append(cv2.resize(result.anomaly_map, (w, h), interpolation=cv2.INTER_AREA))
+                masks.append(cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST))
+                scores.append(result.image_score)
+                if start + offset in sample:
+                    kept.append((item, image, result.anomaly_map, mask))
+            bar.update(len(chunk))
+
+    y = np.asarray(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    pixel_scores = np.concatenate([m.ravel() for m in maps])
+    pixel_labels = np.concatenate([g.ravel() for g in masks])
+    metrics: dict[str, Any] = {
+        "image_auroc": auroc(s, y),
+        "f1_max": f1_max(s, y),
+        "pixel_auroc": auroc(pixel_scores, pixel_labels),
+        "pixel_f1_max": f1_max(pixel_scores, pixel_labels),
+        "aupro": aupro(maps, masks, AUPRO_FPR_LIMIT),
+        "aupro_fpr_limit": AUPRO_FPR_LIMIT,
+        "pixel_eval_size": PIXEL_EVAL_LONG_SIDE,
         "n_images": len(items),
-        "seconds_per_image": seconds / len(items),
+        "n_anomalous": int(y.sum()),
+        "seconds_per_image": model_seconds / len(items),
         "method": engine.method,
         "backbone": engine.settings.backbone,
         "pretrained": engine.settings.pretrained,
         "precision": engine.precision.name,
         "k_shot": engine.k_shot(product_class),
-        "pixel_eval_size": f"long side {PIXEL_EVAL_LONG_SIDE}",
-        "aupro_definition": "MVTec official, exact thresholds, fpr_limit 0.3",
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    vmin, vmax = float(np.min([m.min() for m in maps])), float(np.max([m.max() for m in maps]))
-    (out_dir / "overlays").mkdir(exist_ok=True)
-    for item, image, amap, mask in overlays:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    # One colour scale for every overlay, so heat is comparable between pictures.
+    vmin = float(min(m.min() for m in maps))
+    vmax = float(max(m.max() for m in maps))
+    overlay_dir = out_dir / "overlays"
+    overlay_dir.mkdir(exist_ok=True)
+    used: set[str] = set()
+    for item, image, amap, mask in kept:
         picture = overlay(image, amap, mask, vmin, vmax)
-        cv2.imwrite(str(out_dir / "overlays" / f"{item.defect}_{item.path.stem}.png"),
-                    cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        # MVTec reuses file names across defect folders (000.png); the defect prefix keeps both.
+        name = item.path.stem if item.path.stem not in used else f"{item.defect}_{item.path.stem}"
+        used.add(name)
+        (overlay_dir / f"{name}.png").write_bytes(encode_png(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)))
+    log.info("eval_done", product_class=product_class, n_images=len(items), overlays=len(kept),
+             image_auroc=metrics["image_auroc"], aupro=metrics["aupro"])
     return metrics
