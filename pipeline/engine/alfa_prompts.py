@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -59,7 +60,8 @@ def material_family(object_name: str) -> str:
     best, best_len = "generic", 0
     for family, entry in _vocabulary().items():
         for kw in entry["keywords"]:
-            if kw in name and len(kw) > best_len:
+            # Whole words only: "walnut" is not a "nut", "scanner" is not a "can".
+            if re.search(rf"\b{re.escape(kw)}s?\b", name) and len(kw) > best_len:
                 best, best_len = family, len(kw)
     return best
 
@@ -118,8 +120,11 @@ def build_prompt_set(object_name: str, llm: LLMSettings, cache_dir: Path | None 
     if llm.url:
         cached = cache_dir / f"alfa-{llm.model}-{object_name.replace(' ', '_')}.json" if cache_dir else None
         if cached is not None and cached.is_file():
-            data = json.loads(cached.read_text())
-            return compose(object_name, data["normal"], data["abnormal"], f"llm:{llm.model}", include_cpe)
+            try:
+                data = json.loads(cached.read_text())
+                return compose(object_name, data["normal"], data["abnormal"], f"llm:{llm.model}", include_cpe)
+            except (ValueError, KeyError, TypeError) as exc:  # a damaged cache is re-asked, not fatal
+                log.warning("llm_prompt_cache_unreadable", path=str(cached), error=str(exc))
         client = ChatClient(llm.url, llm.model, llm.api_key, llm.timeout_s, llm.retries)
         try:
             normal, abnormal = llm_descriptions(client, object_name, llm.n_prompts)
@@ -128,7 +133,9 @@ def build_prompt_set(object_name: str, llm: LLMSettings, cache_dir: Path | None 
         else:
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                cached.write_text(json.dumps({"normal": normal, "abnormal": abnormal}, indent=1))
+                tmp = cached.with_suffix(".tmp")  # atomic: a crash never leaves half a file behind
+                tmp.write_text(json.dumps({"normal": normal, "abnormal": abnormal}, indent=1))
+                tmp.replace(cached)
             return compose(object_name, normal, abnormal, f"llm:{llm.model}", include_cpe)
     normal, abnormal = offline_descriptions(object_name)
     return compose(object_name, normal, abnormal, f"offline:{material_family(object_name)}", include_cpe)

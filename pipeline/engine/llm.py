@@ -61,6 +61,8 @@ class ChatClient:
 
 def _parse_json_object(content: str) -> dict[str, Any]:
     """Models sometimes wrap JSON in prose or code fences: take the outermost object."""
+    if not isinstance(content, str):
+        raise ValueError(f"answer content is {type(content).__name__}, not text")
     start, end = content.find("{"), content.rfind("}")
     if start < 0 or end <= start:
         raise ValueError("no JSON object in the answer")
