@@ -9,10 +9,12 @@
 # What gets installed: torch/torchvision (the same releases as the project venv; pip's global
 # constraint file /etc/xdg/pip/constraints.txt caps them at torch<=2.14.1 / torchvision<=0.29.1 and
 # must stay), open_clip_torch==2.24.0, and anomalib==2.7.0 with its *core* dependencies only (no
-# extras). The core set (lightning, kornia, torchmetrics, timm, jsonargparse, scikit-image, ...) is
-# what `import anomalib.models.image.winclip.torch_model` and `from anomalib.metrics import AUPRO`
-# need: both go through anomalib/__init__ -> anomalib.models/metrics, which import lightning,
-# torchmetrics, kornia and friends, so a --no-deps install would just reproduce that list by hand.
+# extras). That core set is in effect the minimal one: importing
+# `anomalib.models.image.winclip.torch_model` and `anomalib.metrics.AUPRO` goes through anomalib/__init__,
+# anomalib.data, anomalib.models and anomalib.metrics and loads lightning, torchmetrics, kornia, FrEIA,
+# timm, einops, jsonargparse, omegaconf, opencv-python-headless, scikit-image, scikit-learn, pandas,
+# matplotlib, imagecodecs, tifffile, rich, ... (checked: every core dependency but docstring-parser and
+# rich-argparse is imported), so a --no-deps install would only re-list them by hand and drift.
 # No optional extras ([clip] would only add open_clip, pinned explicitly here; [dev] pulls openvino,
 # mlflow, wandb, ...).
 #
