@@ -150,7 +150,8 @@ class MetricsSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="LINEWATCH_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+        env_prefix="LINEWATCH_", env_nested_delimiter="__", extra="forbid", yaml_file=None,
+        env_parse_none_str="null",  # LINEWATCH_SCORING__STALENESS_S=null disables the limit
     )
 
     kafka: KafkaSettings = KafkaSettings()

@@ -13,13 +13,21 @@ from dataclasses import asdict, dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.producer.future import FutureRecordMetadata
 from pydantic import ValidationError
 
 from pipeline.alerting.stage import AlertStage, score_key
 from pipeline.alerting.state_store import CameraStateStore, StateKey
-from pipeline.bus import commit_offsets, lag, make_consumer, make_producer, next_offsets, send_dead_letter
+from pipeline.bus import (
+    commit_offsets,
+    create_topics,
+    lag,
+    make_consumer,
+    make_producer,
+    next_offsets,
+    send_dead_letter,
+)
 from pipeline.config import Settings
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
@@ -61,6 +69,11 @@ def run_alert(
         ThresholdStore(client, settings.redis.key_prefix),
         CameraStateStore(client, settings.redis.key_prefix),
     )
+    try:
+        # The defects topic with the configured partitions, not the broker's auto-creation default.
+        create_topics(kafka, names=("scores", "defects", "dlq"))
+    except KafkaError as exc:
+        wlog.warning("topic_check_failed", error=repr(exc))
     consumer = make_consumer(kafka, settings.alert.group_id, ["scores"])
     producer = make_producer(kafka)
     defects_topic = kafka.topic("defects")

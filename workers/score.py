@@ -12,8 +12,18 @@ import time
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer
+from kafka.errors import KafkaError
 
-from pipeline.bus import commit_offsets, lag, make_consumer, make_producer, next_offsets, send_dead_letter, topic_name
+from pipeline.bus import (
+    commit_offsets,
+    create_topics,
+    lag,
+    make_consumer,
+    make_producer,
+    next_offsets,
+    send_dead_letter,
+    topic_name,
+)
 from pipeline.config import Settings
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.engine.prompt_cache import MemoryCache, PromptCache
@@ -67,6 +77,12 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
     if engine is None:
         engine = AnomalyEngine(settings.engine, settings.llm, cache=make_prompt_cache(settings))
     stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot)
+    try:
+        # Output topics with the configured partitions; left to broker auto-creation they would get
+        # the broker's default count (or not exist at all where auto-creation is off).
+        create_topics(kafka, names=("frames", "scores", "dlq"))
+    except KafkaError as exc:
+        log.warning("topic_check_failed", error=repr(exc))
     consumer = make_consumer(kafka, settings.scoring.group_id, [topic_name(kafka, "frames")])
     producer = make_producer(kafka)
     scores_topic = topic_name(kafka, "scores")
