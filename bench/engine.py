@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+
+# bench/pipeline.py would shadow the package: put the repository root, not bench/, first on the path.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.config import EngineSettings
 from pipeline.engine.engine import AnomalyEngine

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This file is named like the package: put the repository root, not bench/, first on the path.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.bus import create_topics, make_producer, topic_name
 from pipeline.config import (
