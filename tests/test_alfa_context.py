@@ -166,7 +166,7 @@ def images(bb: ClipBackbone) -> torch.Tensor:
 def block0_calls(bb: ClipBackbone) -> Iterator[list[tuple[int, ...]]]:
     """Input shapes of every call of the first visual block."""
     calls: list[tuple[int, ...]] = []
-    handle = bb.blocks[0].register_forward_hook(lambda _m, args, _out: calls.append(tuple(args[0].shape)))
+    handle = bb.blocks[0].ln_1.register_forward_hook(lambda _m, args, _out: calls.append(tuple(args[0].shape)))
     yield calls
     handle.remove()
 

@@ -50,12 +50,15 @@ def test_window_shapes_default_backbone() -> None:
 def test_wrong_sequence_layout_is_caught_by_the_self_check() -> None:
     """The failure anomalib hit silently (sequence-first vs batch-first) must raise here."""
     bb, _ = backbone(SMALL)
-    bb.batch_first = False
+    assert bb._standard  # blocks computed by the adapter itself
+    bb._standard, bb.batch_first = False, False  # open_clip's own blocks, fed the wrong layout
     try:
         with pytest.raises(BackboneError, match="disagrees"):
             bb.self_check()
+        bb.batch_first = True  # the right layout through open_clip's own blocks agrees
+        assert bb.self_check() < 1e-4
     finally:
-        bb.batch_first = True
+        bb._standard, bb.batch_first = True, True
     assert bb.self_check() < 1e-4
 
 

@@ -120,7 +120,7 @@ def test_winclip_runs_windows_and_alfa_a_single_forward(frames: list[np.ndarray]
     for method in calls:
         engine = make_engine(method)
         engine.prepare("ball_screw")
-        hook = engine.backbone.blocks[0].register_forward_hook(
+        hook = engine.backbone.blocks[0].ln_1.register_forward_hook(
             lambda _m, inp, _o, m=method: calls[m].append(inp[0].shape[1]))
         try:
             engine.score(frames, "ball_screw")
