@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", nargs="+", default=["winclip", "winclip-1shot", "alfa"])
+    parser.add_argument("--tensor-level", action="store_true",
+                        help="also time 240x240 tensors in and maps out, as bench/anomalib_reference.py does")
     parser.add_argument("--anomalib-fps", type=float, default=None,
                         help="anomalib WinClipModel fp32 frames/s on this machine (bench/anomalib_reference.py)")
     args = parser.parse_args()
@@ -132,6 +134,12 @@ def main() -> None:
                 label = f"{method} {engine.precision.name}"
                 print(f"{label:<28}{bs:>6}{bs / sec:>10.2f}{1000 * sec / bs:>10.1f}{sec / bs / bare[bs]:>8.2f}"
                       f"{mem.mib():>10.0f}")
+                if args.tensor_level:
+                    # Same input and output as bench/anomalib_reference.py: a 240x240 tensor in, 240x240 map out.
+                    x = torch.randn(bs, 3, *bb.image_size, device=device)
+                    sec = timed(lambda x=x, e=engine: e.score_tensor(x, "ball_screw"), args.iters)
+                    label = f"  (tensor in/out) {engine.precision.name}"
+                    print(f"{label:<28}{bs:>6}{bs / sec:>10.2f}{1000 * sec / bs:>10.1f}{sec / bs / bare[bs]:>8.2f}")
     print()
     for method in [m for m in args.methods if m.startswith("winclip")]:
         bs = max(args.batch_sizes)
