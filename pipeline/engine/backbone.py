@@ -170,13 +170,10 @@ class ClipBackbone:
         """
         attn = getattr(blk, "attn", None)
         if self._standard and isinstance(attn, nn.MultiheadAttention):
-            y = blk.ln_1(x)
-            qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)
+            qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # one packed matmul
             b, length, _ = qkv.shape
             q, k, v = qkv.view(b, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, -1)
-            x = x + blk.ls_1(attn.out_proj(out))
-            return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            return _residual_tail(blk, attn, x, F.scaled_dot_product_attention(q, k, v))
         if self.batch_first:
             return blk(x)
         return blk(x.transpose(0, 1)).transpose(0, 1)
@@ -232,20 +229,10 @@ class ClipBackbone:
         """
         blk = self.blocks[-1]
         attn = self._attention_weights()
-        heads = attn.num_heads
         y = blk.ln_1(x)
-        width = y.shape[-1]
-        bias = attn.in_proj_bias
-        q = F.linear(y[:, :1], attn.in_proj_weight[:width], None if bias is None else bias[:width])
-        kv = F.linear(y, attn.in_proj_weight[width:], None if bias is None else bias[width:])
-        k, v = kv.split(width, dim=-1)
-        b, length, _ = y.shape
-        qh = q.view(b, 1, heads, -1).transpose(1, 2)
-        kh, vh = (t.view(b, length, heads, -1).transpose(1, 2) for t in (k, v))
-        out = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(b, 1, width)
-        cls = x[:, :1] + blk.ls_1(attn.out_proj(out))
-        cls = cls + blk.ls_2(blk.mlp(blk.ln_2(cls)))
-        return cls[:, 0]
+        q = _heads(_project(attn, y[:, :1], 0), attn.num_heads)
+        k, v = (_heads(_project(attn, y, part), attn.num_heads) for part in (1, 2))
+        return _residual_tail(blk, attn, x[:, :1], F.scaled_dot_product_attention(q, k, v))[:, 0]
 
     def last_block_value_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The last block with value-value self-attention (training-free locality fix).
@@ -256,18 +243,8 @@ class ClipBackbone:
         """
         blk = self.blocks[-1]
         attn = self._attention_weights()
-        heads = attn.num_heads
-        y = blk.ln_1(x)
-        width = y.shape[-1]
-        w_v = attn.in_proj_weight[2 * width :]
-        b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
-        v = F.linear(y, w_v, b_v)
-        b, length, _ = v.shape
-        vh = v.view(b, length, heads, width // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(vh, vh, vh)
-        out = attn.out_proj(out.transpose(1, 2).reshape(b, length, width))
-        x = x + blk.ls_1(out)
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        v = _heads(_project(attn, blk.ln_1(x), 2), attn.num_heads)
+        return _residual_tail(blk, attn, x, F.scaled_dot_product_attention(v, v, v))
 
     # -- guard -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -294,3 +271,25 @@ class ClipBackbone:
                 f"(max abs diff {diff:.3g} > {tolerance}); the backbone internals changed"
             )
         return diff
+
+
+def _project(attn: nn.MultiheadAttention, y: torch.Tensor, part: int) -> torch.Tensor:
+    """Query (0), key (1) or value (2) projection of (B, L, C) tokens with the block's packed weights."""
+    width = y.shape[-1]
+    rows = slice(part * width, (part + 1) * width)
+    bias = attn.in_proj_bias
+    return F.linear(y, attn.in_proj_weight[rows], None if bias is None else bias[rows])
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, C) -> (B, heads, L, C / heads)."""
+    b, length, _ = t.shape
+    return t.view(b, length, heads, -1).transpose(1, 2)
+
+
+def _residual_tail(blk: nn.Module, attn: nn.MultiheadAttention, x: torch.Tensor, heads_out: torch.Tensor,
+                   ) -> torch.Tensor:
+    """Merge attention heads (B, H, L, d), project, add to the residual x (B, L, C), then the MLP half."""
+    b, _, length, _ = heads_out.shape
+    x = x + blk.ls_1(attn.out_proj(heads_out.transpose(1, 2).reshape(b, length, -1)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
