@@ -19,7 +19,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, FileNotFoundError,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli import engine_cmds, stream_cmds
+    from pipeline.cli import delivery_cmds, engine_cmds, record_cmds, replay_cmds, stream_cmds
 
     parser = argparse.ArgumentParser(prog="linewatch", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (also LINEWATCH_CONFIG)")
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     stream_cmds.register(sub)
     engine_cmds.register(sub)
+    record_cmds.register(sub)
+    replay_cmds.register(sub)
+    delivery_cmds.register(sub)
     return parser
 
 

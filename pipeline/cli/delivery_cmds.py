@@ -1,0 +1,9 @@
+"""`linewatch subscriptions ...` and the `deliver` worker."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    del sub  # commands land with their issue

@@ -1,0 +1,9 @@
+"""`linewatch record`: camera frames to disk as time segments."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    del sub  # commands land with their issue
