@@ -127,6 +127,19 @@ class AlertSettings(BaseModel):
         return n
 
 
+class DeliverSettings(BaseModel):
+    group_id: str = "linewatch-deliver"
+    # Webhooks to loopback/private/link-local addresses are refused unless allowed (SSRF guard).
+    allow_private_networks: bool = False
+    # Where `media: url` links point (the `linewatch api` service), e.g. https://linewatch.plant.local
+    public_base_url: str | None = None
+    reload_s: float = Field(default=2.0, gt=0)
+    # Events read but not yet delivered to every matching subscription; reading pauses beyond it.
+    max_in_flight: int = Field(default=500, ge=1)
+    # How long acknowledged deliveries are remembered, so a restarted worker does not re-send them.
+    ledger_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+
+
 class CaptureSettings(BaseModel):
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     resize_width: int | None = None
@@ -161,6 +174,7 @@ class Settings(BaseSettings):
     scoring: ScoringSettings = ScoringSettings()
     alert: AlertSettings = AlertSettings()
     capture: CaptureSettings = CaptureSettings()
+    deliver: DeliverSettings = DeliverSettings()
     metrics: MetricsSettings = MetricsSettings()
     cameras: list[CameraConfig] = []
     log_level: str = "info"

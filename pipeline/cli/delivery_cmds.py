@@ -3,7 +3,267 @@
 from __future__ import annotations
 
 import argparse
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.cli import CommandError
+from pipeline.cli.units import parse_duration
+from pipeline.config import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, kafka: bool = False) -> Settings:
+    settings = load_settings(args.config)
+    if not settings.redis.url:
+        raise CommandError("no Redis configured (LINEWATCH_REDIS__URL): subscriptions are stored there")
+    if kafka and not settings.kafka.bootstrap_servers:
+        raise CommandError("no Kafka bootstrap servers configured (LINEWATCH_KAFKA__BOOTSTRAP_SERVERS)")
+    return settings
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    from pipeline.cli.stream_cmds import stop_on_signals
+    from pipeline.metrics import serve_metrics
+    from workers.deliver import run_deliver
+
+    settings = _settings(args, kafka=True)
+    serve_metrics(settings.metrics.port)
+    run_deliver(settings, stop_on_signals())
+    return 0
+
+
+# -- subscriptions ------------------------------------------------------------------------------
+def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
+    from schemas.subscriptions import Subscription
+
+    generated = None
+    if args.from_file:
+        path = Path(args.from_file)
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise CommandError(f"{path}: expected a mapping with id, filters, channel")
+        data.setdefault("id", args.id)
+    else:
+        channels = [c for c in (args.webhook, args.kafka_topic, args.redis_stream) if c]
+        if len(channels) != 1:
+            raise CommandError("give exactly one channel: --webhook URL, --kafka-topic TOPIC or --redis-stream KEY")
+        channel: dict[str, Any]
+        if args.webhook:
+            generated = None if args.secret else secrets.token_urlsafe(32)
+            channel = {"type": "webhook", "url": args.webhook, "secret": args.secret or generated,
+                       "media": args.media or "base64", "timeout_s": args.timeout, "max_attempts": args.attempts}
+        elif args.kafka_topic:
+            channel = {"type": "kafka", "topic": args.kafka_topic, "media": args.media or "base64"}
+        else:
+            channel = {"type": "redis_stream", "stream": args.redis_stream, "media": args.media or "none"}
+        filters: dict[str, Any] = {"lines": args.line or [], "cameras": args.camera or [],
+                                   "product_classes": args.product_class or [], "min_peak_score": args.min_score,
+                                   "min_area": args.min_area}
+        if args.status:
+            filters["statuses"] = args.status
+        data = {"id": args.id, "filters": filters, "channel": channel,
+                "rate_limit_s": parse_duration(args.rate_limit) if args.rate_limit else None}
+    try:
+        return Subscription.model_validate(data), generated
+    except ValidationError as exc:
+        raise CommandError(f"invalid subscription: {exc}") from None
+
+
+def _stores(settings: Settings) -> tuple[Any, Any, Any]:
+    from pipeline.delivery.store import DeliveryLedger, SubscriptionStore
+    from pipeline.redis_store import connect
+
+    client = connect(settings.redis)
+    prefix = settings.redis.key_prefix
+    return client, SubscriptionStore(client, prefix), DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s)
+
+
+def _get(store: Any, sub_id: str) -> Any:
+    try:
+        return store.get(sub_id)
+    except KeyError:
+        raise CommandError(f"no subscription {sub_id!r} (see `linewatch subscriptions list`)") from None
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from pipeline.delivery.manage import add_subscription
+
+    settings = _settings(args)
+    sub, generated = _subscription_from_args(args)
+    client, store, _ = _stores(settings)
+    try:
+        add_subscription(store, sub, settings)
+    finally:
+        client.close()
+    _out(f"added subscription {sub.id} ({sub.channel.type})")
+    if generated:
+        _out(f"signing secret (shown once, keep it with the receiver): {generated}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    client, store, ledger = _stores(settings)
+    try:
+        subs = store.all()
+        rows = [{**s.public(), "dead_letters": len(ledger.dead(s.id)),
+                 "pending_coalesced": ledger.pending_coalesced(s.id)} for s in subs.values()]
+    finally:
+        client.close()
+    if args.json:
+        _out(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        _out("no subscriptions")
+    for row in rows:
+        ch = row["channel"]
+        target = ch.get("url") or ch.get("topic") or ch.get("stream")
+        flt = {k: v for k, v in row["filters"].items() if v not in ([], None)}
+        rate = f" rate-limit={row['rate_limit_s']}s" if row["rate_limit_s"] else ""
+        _out(f"{row['id']}  {ch['type']} {target}  filters={json.dumps(flt)}{rate}  "
+             f"dead-letters={row['dead_letters']}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    client, store, ledger = _stores(settings)
+    try:
+        if not store.remove(args.id):
+            raise CommandError(f"no subscription {args.id!r}")
+        ledger.forget(args.id)
+    finally:
+        client.close()
+    _out(f"removed subscription {args.id}")
+    return 0
+
+
+def _sender(settings: Settings, sub: Any, client: Any) -> Any:
+    from workers.deliver import SenderFactory
+
+    if sub.channel.type == "kafka" and not settings.kafka.bootstrap_servers:
+        raise CommandError("this subscription delivers to Kafka: configure LINEWATCH_KAFKA__BOOTSTRAP_SERVERS")
+    return SenderFactory(settings, client)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from pipeline.delivery.manage import send_test
+
+    settings = _settings(args)
+    client, store, _ = _stores(settings)
+    factory = None
+    try:
+        sub = _get(store, args.id)
+        factory = _sender(settings, sub, client)
+        sender = factory(sub)
+        error = send_test(sub, sender, settings)
+        sender.close()
+    finally:
+        if factory is not None:
+            factory.close()
+        client.close()
+    if error:
+        _out(f"test delivery to {args.id} FAILED: {error}")
+        return 1
+    _out(f"test delivery to {args.id} accepted")
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    client, store, ledger = _stores(settings)
+    try:
+        _get(store, args.id)
+        dead = ledger.dead(args.id)
+    finally:
+        client.close()
+    if args.json:
+        _out(json.dumps([d.model_dump(mode="json", exclude={"event"}) | {"camera_id": d.event.get("camera_id")}
+                         for d in dead], indent=2))
+        return 0
+    if not dead:
+        _out(f"no dead letters for {args.id}")
+    for d in dead:
+        _out(f"{d.delivery_id}  camera={d.event.get('camera_id')}  attempts={d.attempts}  error={d.error}")
+    return 0
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    from pipeline.delivery.manage import redrive
+
+    settings = _settings(args)
+    client, store, ledger = _stores(settings)
+    factory = None
+    try:
+        sub = _get(store, args.id)
+        factory = _sender(settings, sub, client)
+        sender = factory(sub)
+        result = redrive(sub, ledger, sender, settings, args.delivery or None)
+        sender.close()
+    finally:
+        if factory is not None:
+            factory.close()
+        client.close()
+    _out(f"redrive {args.id}: {len(result.delivered)} delivered, {len(result.failed)} still failing")
+    for did, error in result.failed.items():
+        _out(f"  {did}: {error}")
+    return 1 if result.failed else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    del sub  # commands land with their issue
+    p = sub.add_parser("deliver", help="run a delivery worker: defect events -> subscriptions")
+    p.set_defaults(func=cmd_deliver)
+
+    p = sub.add_parser("subscriptions", help="manage alert subscriptions (stored in Redis)")
+    subs = p.add_subparsers(dest="subscriptions_command", required=True, metavar="ACTION")
+
+    a = subs.add_parser("add", help="add a subscription")
+    a.add_argument("id", help="subscription id (letters, digits, _ . -)")
+    a.add_argument("--from-file", help="YAML/JSON file with filters, channel and rate_limit_s")
+    a.add_argument("--webhook", metavar="URL", help="POST events to this URL")
+    a.add_argument("--secret", help="webhook signing secret (default: generated and printed once)")
+    a.add_argument("--media", choices=["base64", "url", "none"], help="how mask and thumbnail travel")
+    a.add_argument("--timeout", type=float, default=5.0, help="webhook timeout in seconds (default 5)")
+    a.add_argument("--attempts", type=int, default=5, help="webhook attempts before dead-lettering (default 5)")
+    a.add_argument("--kafka-topic", metavar="TOPIC", help="publish events to this Kafka topic")
+    a.add_argument("--redis-stream", metavar="KEY", help="append events to this Redis stream")
+    a.add_argument("--line", action="append", help="only this line (repeatable)")
+    a.add_argument("--camera", action="append", help="camera id or glob, e.g. 'press-*' (repeatable)")
+    a.add_argument("--class", dest="product_class", action="append", help="product class (repeatable)")
+    a.add_argument("--min-score", type=float, help="minimum peak score")
+    a.add_argument("--min-area", type=int, help="minimum total defect area in pixels")
+    a.add_argument("--status", action="append", choices=["open", "closed"],
+                   help="event transitions to send (default: open)")
+    a.add_argument("--rate-limit", metavar="DURATION", help="at most one message per camera per interval (60s, 5m)")
+    a.set_defaults(func=cmd_add)
+
+    a = subs.add_parser("list", help="list subscriptions")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_list)
+
+    a = subs.add_parser("remove", help="remove a subscription with its dead letters")
+    a.add_argument("id")
+    a.set_defaults(func=cmd_remove)
+
+    a = subs.add_parser("test", help="send a synthetic test event through the subscription's channel")
+    a.add_argument("id")
+    a.set_defaults(func=cmd_test)
+
+    a = subs.add_parser("dead-letters", help="deliveries that failed every attempt")
+    a.add_argument("id")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_dead_letters)
+
+    a = subs.add_parser("redrive", help="deliver dead letters again")
+    a.add_argument("id")
+    a.add_argument("--delivery", action="append", help="only this delivery id (repeatable; default: all)")
+    a.set_defaults(func=cmd_redrive)

@@ -1,0 +1,1 @@
+"""Delivery of defect events to subscribers: filters, rate limits, channels, ledger, dispatch."""

@@ -1,0 +1,131 @@
+"""One delivery attempt per call, per channel kind; retries and backoff belong to the caller.
+
+A sender raises DeliveryError; ``permanent`` errors (a 4xx answer, a refused URL) skip the
+remaining attempts because repeating the same request cannot succeed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+import httpx
+import redis
+from kafka import KafkaProducer
+
+from pipeline.delivery.signing import SIGNATURE_HEADER, sign
+from pipeline.delivery.urls import WebhookURLError, validate_webhook_url
+from schemas.subscriptions import KafkaChannel, Notification, RedisStreamChannel, WebhookChannel
+
+USER_AGENT = "linewatch-deliver/1"
+# Worth another attempt: timeouts, throttling, server trouble.
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class DeliveryError(Exception):
+    def __init__(self, message: str, permanent: bool = False, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after_s = retry_after_s
+
+
+class Sender(Protocol):
+    def send(self, notification: Notification) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+class WebhookSender:
+    """HTTP POST of the notification JSON, signed, with the delivery id as Idempotency-Key."""
+
+    def __init__(self, channel: WebhookChannel, allow_private: bool) -> None:
+        self.channel = channel
+        self.allow_private = allow_private
+        # No redirects: a redirect could lead past the address check to an internal host.
+        self._client = httpx.Client(timeout=channel.timeout_s, follow_redirects=False,
+                                    headers={"User-Agent": USER_AGENT})
+
+    def send(self, notification: Notification) -> None:
+        try:
+            validate_webhook_url(self.channel.url, self.allow_private)
+        except WebhookURLError as exc:
+            raise DeliveryError(str(exc), permanent=True) from exc
+        body = notification.model_dump_json().encode()
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self.channel.secret, body),
+            "Idempotency-Key": notification.delivery_id,
+            "X-Linewatch-Subscription": notification.subscription_id,
+        }
+        try:
+            response = self._client.post(self.channel.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise DeliveryError(f"timeout after {self.channel.timeout_s} s ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        if 200 <= response.status_code < 300:
+            return
+        reason = f"HTTP {response.status_code}: {response.text[:200]!r}"
+        if response.status_code in RETRYABLE_STATUS:
+            raise DeliveryError(reason, retry_after_s=_retry_after(response))
+        raise DeliveryError(reason, permanent=True)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class KafkaSender:
+    """The notification JSON on a topic, keyed by camera, acknowledged before returning."""
+
+    def __init__(self, channel: KafkaChannel, producer: KafkaProducer, ack_timeout_s: float = 30.0) -> None:
+        self.channel = channel
+        self._producer = producer
+        self._ack_timeout_s = ack_timeout_s
+
+    def send(self, notification: Notification) -> None:
+        future = self._producer.send(
+            self.channel.topic,
+            key=str(notification.event.get("camera_id", "")).encode(),
+            value=notification.model_dump_json().encode(),
+            headers=[("Idempotency-Key", notification.delivery_id.encode())],
+        )
+        try:
+            future.get(timeout=self._ack_timeout_s)
+        except Exception as exc:  # every producer failure is worth another attempt
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        """The producer is shared and closed by its owner."""
+
+
+class RedisStreamSender:
+    """XADD of the notification to a stream (approximately capped at ``maxlen``)."""
+
+    def __init__(self, channel: RedisStreamChannel, client: redis.Redis) -> None:
+        self.channel = channel
+        self._client = client
+
+    def send(self, notification: Notification) -> None:
+        fields = {
+            "delivery_id": notification.delivery_id,
+            "event_id": str(notification.event.get("event_id", "")),
+            "camera_id": str(notification.event.get("camera_id", "")),
+            "status": notification.status,
+            "notification": json.dumps(notification.model_dump(mode="json")),
+        }
+        try:
+            self._client.xadd(self.channel.stream, fields, maxlen=self.channel.maxlen,
+                              approximate=self.channel.maxlen is not None)
+        except redis.RedisError as exc:
+            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        """The client is shared and closed by its owner."""
