@@ -68,7 +68,7 @@ class Site:
         self.out.flush()
 
     # -- infrastructure -------------------------------------------------------------------------
-    def _start_infrastructure(self, stack: contextlib.ExitStack) -> dict[str, str]:
+    def start_infrastructure(self, stack: contextlib.ExitStack) -> dict[str, str]:
         from pipeline.embedded import EmbeddedBroker, EmbeddedRedis
 
         env: dict[str, str] = {}
@@ -84,7 +84,7 @@ class Site:
         env["LINEWATCH_REDIS__URL"] = self.settings.redis.url or ""
         return env
 
-    def _spawn(self, name: str, env: dict[str, str], extra: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, env: dict[str, str], extra: list[str]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "pipeline.cli"]
         if self.config_file:
             cmd += ["--config", str(self.config_file)]
@@ -97,7 +97,7 @@ class Site:
         logfile.close()
         return proc
 
-    def _stop_children(self, timeout_s: float = 20.0) -> None:
+    def stop_children(self, timeout_s: float = 20.0) -> None:
         for proc in self.children.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -109,16 +109,27 @@ class Site:
                 proc.kill()
                 proc.wait()
 
-    # -- main loop ------------------------------------------------------------------------------
-    def run(self, exit_when_done: bool = False) -> int:
-        started = time.time()
+    def warn_random_weights(self) -> None:
         if self.settings.engine.pretrained == "random":
             bar = "!" * 78
             self.say(f"{bar}\n!! RANDOM WEIGHTS: engine.pretrained is 'random'. Scores, events and masks below\n"
                      f"!! show the pipeline working but MEAN NOTHING. Set engine.pretrained to an\n"
                      f"!! open_clip tag (laion400m_e31) or a checkpoint file for real inspection.\n{bar}")
+
+    def dead_worker(self) -> str | None:
+        """Why a long-running child has exited, if one has."""
+        for name, proc in self.children.items():
+            code = proc.poll()
+            if code is not None and not (name == "capture" and code == 0):
+                return f"worker {name} exited with status {code}; see {self.run_dir / (name + '.log')}"
+        return None
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self, exit_when_done: bool = False) -> int:
+        started = time.time()
+        self.warn_random_weights()
         with contextlib.ExitStack() as stack:
-            env = self._start_infrastructure(stack)
+            env = self.start_infrastructure(stack)
             create_topics(self.settings.kafka, TOPICS)
             stats_file = self.run_dir / "capture-stats.json"
             stats_file.unlink(missing_ok=True)
@@ -126,12 +137,12 @@ class Site:
             if self.replay_session:
                 capture_args += ["--replay-session", self.replay_session]
             # Scorer and alerter first: the scorer needs its model loaded before frames pile up.
-            self.children["score"] = self._spawn("score", env, [])
-            self.children["alert"] = self._spawn("alert", env, [])
-            self.children["capture"] = self._spawn("capture", env, capture_args)
+            self.children["score"] = self.spawn("score", env, [])
+            self.children["alert"] = self.spawn("alert", env, [])
+            self.children["capture"] = self.spawn("capture", env, capture_args)
             self.say(f"workers started: {', '.join(f'{n} (pid {p.pid})' for n, p in self.children.items())}; "
                      f"logs in {self.run_dir}")
-            stack.callback(self._stop_children)
+            stack.callback(self.stop_children)
             try:
                 code = self._follow(stats_file, exit_when_done)
             except KeyboardInterrupt:
@@ -160,11 +171,10 @@ class Site:
                             self._on_score(rec.value)
                         else:
                             self._on_event(rec.value)
-                for name, proc in self.children.items():
-                    code = proc.poll()
-                    if code is not None and not (name == "capture" and code == 0):
-                        self.say(f"worker {name} exited with status {code}; see {self.run_dir / (name + '.log')}")
-                        return 1
+                problem = self.dead_worker()
+                if problem:
+                    self.say(problem)
+                    return 1
                 if captured is None and self.children["capture"].poll() == 0 and stats_file.is_file():
                     stats = json.loads(stats_file.read_text())
                     captured = sum(s["published"] for s in stats.values())

@@ -82,3 +82,25 @@ def build_event(ev: EventState, status: Literal["open", "closed"], min_region_ar
         thumbnail_jpeg=thumbnail_with_overlay(peak.thumbnail_jpeg, map_float, peak.map_min, peak.map_max),
         replay_session=ev.replay_session,
     )
+
+
+def event_overlay(frame_rgb: np.ndarray, event: DefectEvent) -> np.ndarray:
+    """The frame with the event's mask tinted red, its outline and region boxes drawn.
+
+    The mask is at frame resolution; a smaller frame (e.g. the thumbnail) gets the mask resized.
+    """
+    h, w = frame_rgb.shape[:2]
+    mask = imaging.decode_png(event.mask_png)
+    if mask.shape[:2] != (h, w):
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    hot = mask > 0
+    out = frame_rgb.copy()
+    red = np.array([255, 0, 0], np.float32)
+    out[hot] = (0.55 * out[hot] + 0.45 * red).astype(np.uint8)
+    contours, _ = cv2.findContours(hot.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, (255, 0, 0), max(1, round(min(h, w) / 300)))
+    sx, sy = w / event.width, h / event.height
+    for r in event.regions:
+        cv2.rectangle(out, (int(r.x * sx), int(r.y * sy)), (int((r.x + r.width) * sx), int((r.y + r.height) * sy)),
+                      (255, 255, 0), 1)
+    return out

@@ -1,0 +1,70 @@
+"""What a replay or re-score leaves behind: report.json, scores.csv and one overlay image per event."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import imaging
+from pipeline.alerting.render import event_overlay
+from schemas.events import DefectEvent
+from schemas.scores import ScoreMessage
+
+SCORE_COLUMNS = ("camera_id", "seq", "capture_ts", "image_score", "map_max", "method", "model_fingerprint",
+                 "latency_ms")
+
+# (camera id, seq) -> the frame's JPEG bytes when the input can still provide it.
+FrameLookup = Callable[[str, int], bytes | None]
+
+
+@dataclass
+class RunSummary:
+    kind: str  # "replay" or "rescore"
+    session: str
+    source: str
+    frames_published: int = 0
+    frames_scored: int = 0
+    frames_rejected: int = 0
+    events: int = 0
+    span_s: float = 0.0  # capture-time span of the frames
+    publish_s: float = 0.0  # wall time publishing took (the pacing)
+    wall_s: float = 0.0
+    speed: float | None = None
+    complete: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def write_report(out_dir: Path, summary: RunSummary, scores: list[ScoreMessage], events: list[DefectEvent],
+                 frame_lookup: FrameLookup | None = None) -> Path:
+    """Write the report folder; returns the path of report.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(scores, key=lambda s: (s.frame.capture_ts, s.frame.camera_id, s.frame.seq))
+    with (out_dir / "scores.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(SCORE_COLUMNS)
+        for s in ordered:
+            writer.writerow([s.frame.camera_id, s.frame.seq, f"{s.frame.capture_ts:.3f}", f"{s.image_score:.6f}",
+                             f"{s.map_max:.6f}", s.method, s.model_fingerprint, f"{s.latency_ms:.1f}"])
+    events_dir = out_dir / "events"
+    events_dir.mkdir(exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for ev in sorted(events, key=lambda e: (e.first_ts, e.camera_id)):
+        image_path = events_dir / f"{ev.event_id}.jpg"
+        image_path.write_bytes(_overlay_jpeg(ev, frame_lookup))
+        rows.append({**ev.model_dump(mode="json", exclude={"mask_png", "thumbnail_jpeg"}),
+                     "overlay": str(image_path.relative_to(out_dir))})
+    report = {**asdict(summary), "events": rows}
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def _overlay_jpeg(event: DefectEvent, frame_lookup: FrameLookup | None) -> bytes:
+    """The peak frame at full resolution when available, else the event's thumbnail, with the mask."""
+    data = frame_lookup(event.camera_id, event.peak_seq) if frame_lookup else None
+    frame = imaging.decode_image(data) if data else imaging.decode_image(event.thumbnail_jpeg)
+    return imaging.encode_jpeg(event_overlay(frame, event), quality=88)
