@@ -140,6 +140,16 @@ class DeliverSettings(BaseModel):
     ledger_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
 
 
+class ApiSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Bearer token for the JSON API and the dashboard; the API refuses to start without one.
+    token: str | None = None
+    group_id: str = "linewatch-api"
+    # Events kept in Redis for the dashboard and the API (oldest dropped beyond this).
+    max_events: int = Field(default=10_000, ge=1)
+
+
 class CaptureSettings(BaseModel):
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     resize_width: int | None = None
@@ -175,6 +185,7 @@ class Settings(BaseSettings):
     alert: AlertSettings = AlertSettings()
     capture: CaptureSettings = CaptureSettings()
     deliver: DeliverSettings = DeliverSettings()
+    api: ApiSettings = ApiSettings()
     metrics: MetricsSettings = MetricsSettings()
     cameras: list[CameraConfig] = []
     log_level: str = "info"
