@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.cli import CommandError
 from pipeline.config import Settings, load_settings
+from pipeline.logging import configure_logging
 from pipeline.replay.report import RunSummary
 
 
@@ -46,12 +47,19 @@ def _camera_labels(settings: Settings, args: argparse.Namespace) -> tuple[str | 
     return args.camera_id, line, product_class
 
 
+def _quiet_logs(args: argparse.Namespace) -> None:
+    # The command prints progress, events and a summary; logs only for warnings unless asked.
+    if args.log_level is None:
+        configure_logging("warning")
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.cli.stream_cmds import stop_on_signals
     from pipeline.replay.inputs import Labels, open_input
     from pipeline.replay.runner import new_session, run_replay
     from pipeline.site import Site
 
+    _quiet_logs(args)
     settings = load_settings(args.config)
     camera_id, line, product_class = _camera_labels(settings, args)
     source = open_input(args.path, Labels(camera_id, line, product_class), fps=args.fps, t_from=args.time_from,
@@ -87,6 +95,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     from pipeline.replay.runner import new_session
     from workers.score import make_prompt_cache
 
+    _quiet_logs(args)
     settings = load_settings(args.config)
     if not settings.kafka.bootstrap_servers or not settings.redis.url:
         raise CommandError("rescore reads the retained frames topic: configure LINEWATCH_KAFKA__BOOTSTRAP_SERVERS "
