@@ -1,8 +1,13 @@
-"""Prometheus metrics for every worker; one registry per process, served by `serve_metrics`."""
+"""Prometheus metrics for every worker; one registry per process, served by `pipeline.health.Health`."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from pipeline.health import Health
 
 FRAMES_CAPTURED = Counter("linewatch_frames_captured_total", "Frames read from a source", ["camera"])
 FRAMES_DROPPED = Counter(
@@ -28,7 +33,15 @@ DLQ_RECORDS = Counter("linewatch_dlq_total", "Records sent to the dead-letter to
 DELIVERIES = Counter("linewatch_deliveries_total", "Subscription deliveries", ["channel", "outcome"])
 
 
-def serve_metrics(port: int | None) -> None:
-    """Expose /metrics on the port; None keeps metrics in-process only."""
-    if port is not None:
-        start_http_server(port, addr="0.0.0.0")
+def serve_metrics(port: int | None) -> Health | None:
+    """Expose /metrics (plus /healthz and /readyz) on the port; None keeps metrics in-process only.
+
+    Kept for callers without a worker loop; workers create a `Health` themselves to beat and add checks.
+    """
+    if port is None:
+        return None
+    from pipeline.health import Health  # health imports modules that import this one
+
+    health = Health()
+    health.serve(port)
+    return health

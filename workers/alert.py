@@ -29,6 +29,7 @@ from pipeline.bus import (
     send_dead_letter,
 )
 from pipeline.config import Settings
+from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
 from schemas.scores import ScoreMessage
@@ -56,11 +57,15 @@ def run_alert(
     idle_exit_s: float | None = None,
     poll_timeout_ms: int = 200,
     max_records: int = 500,
+    health: Health | None = None,
 ) -> AlertStats:
     """Run until ``stop`` is set, or until no record arrived for ``idle_exit_s`` while partitions
     were assigned. Open events are left open on exit (their state is persisted for the next worker).
+    ``health`` gets the broker and Redis readiness checks and a beat per loop iteration.
     """
     kafka = settings.kafka
+    if health is not None:
+        watch_dependencies(health, settings)
     stats = AlertStats()
     wlog = log.bind(worker="alert", group=settings.alert.group_id)
     client = connect(settings.redis)
@@ -84,6 +89,8 @@ def run_alert(
     wlog.info("alert_worker_started", topic=kafka.topic("scores"), defects=defects_topic)
     try:
         while not stop.is_set():
+            if health is not None:
+                health.beat()
             polled = consumer.poll(timeout_ms=poll_timeout_ms, max_records=max_records)
             now_assigned = set(consumer.assignment())
             if now_assigned != assigned:

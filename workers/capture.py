@@ -9,6 +9,7 @@ from kafka.errors import KafkaError
 from pipeline.bus import DroppingPublisher, create_topics
 from pipeline.capture.stage import CaptureStage, CaptureStats
 from pipeline.config import CameraConfig, Settings
+from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 
 log = get_logger(__name__)
@@ -35,15 +36,19 @@ def run_capture(
     *,
     max_frames: int | None = None,
     flush_timeout_s: float = 10.0,
+    health: Health | None = None,
 ) -> dict[str, CaptureStats]:
     """Capture the selected cameras until every source ends or ``stop`` is set.
 
     A camera whose thread raises is logged and reported with ``error`` set; the others keep going.
     The publisher is drained (up to ``flush_timeout_s``) before returning, so the published/dropped
-    counts in the returned stats are final.
+    counts in the returned stats are final. ``health`` gets the broker readiness check (capture needs
+    no Redis) and a beat per join round of the supervising loop.
     """
     cameras = select_cameras(settings, camera_ids)
     wlog = log.bind(worker="capture", replay_session=replay_session)
+    if health is not None:
+        watch_dependencies(health, settings, redis=False)
     try:
         create_topics(settings.kafka, names=("frames",))
     except KafkaError as exc:
@@ -73,6 +78,8 @@ def run_capture(
         for t in threads:
             # Timed joins keep the calling thread responsive to signals (Ctrl-C sets stop upstream).
             while t.is_alive():
+                if health is not None:
+                    health.beat()
                 t.join(0.5)
     except BaseException:
         # Interrupted (Ctrl-C) or failing here: tell the camera threads to wind down too.

@@ -27,6 +27,7 @@ from pipeline.bus import (
 from pipeline.config import Settings
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.engine.prompt_cache import MemoryCache, PromptCache
+from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.scoring.stage import Frame, Rejected, ScoringStage, Skipped
 
@@ -71,11 +72,21 @@ def poll_batch(consumer: KafkaConsumer, max_batch: int, max_wait_ms: int, idle_t
 
 
 def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine | None = None,
-              idle_exit_s: float | None = None) -> ScoreStats:
-    """Run until `stop` is set (or, with idle_exit_s, after that long without frames)."""
+              idle_exit_s: float | None = None, health: Health | None = None) -> ScoreStats:
+    """Run until `stop` is set (or, with idle_exit_s, after that long without frames).
+
+    ``health`` gets broker/Redis readiness checks, a ``model_loaded`` flag and a beat per loop iteration.
+    """
     kafka = settings.kafka
+    model_loaded: threading.Event | None = None
+    if health is not None:
+        # Registered before the (slow) model load so /readyz explains why the worker is not ready yet.
+        watch_dependencies(health, settings)
+        model_loaded = health.add_flag("model_loaded", "model not loaded yet")
     if engine is None:
         engine = AnomalyEngine(settings.engine, settings.llm, cache=make_prompt_cache(settings))
+    if model_loaded is not None:
+        model_loaded.set()
     stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot)
     try:
         # Output topics with the configured partitions; left to broker auto-creation they would get
@@ -91,6 +102,8 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
     log.info("score_worker_started", group=settings.scoring.group_id, method=engine.method)
     try:
         while not stop.is_set():
+            if health is not None:
+                health.beat()
             records = poll_batch(consumer, settings.scoring.max_batch, settings.scoring.max_wait_ms)
             if not records:
                 if idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:

@@ -9,10 +9,13 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import Settings, load_settings
 from pipeline.logging import configure_logging, get_logger
-from pipeline.metrics import serve_metrics
+
+if TYPE_CHECKING:
+    from pipeline.health import Health
 
 log = get_logger(__name__)
 
@@ -35,15 +38,29 @@ def _settings(args: argparse.Namespace) -> Settings:
     if settings.kafka.bootstrap_servers is None:
         raise ValueError("no Kafka bootstrap servers configured (LINEWATCH_KAFKA__BOOTSTRAP_SERVERS); "
                          "`linewatch run` starts an embedded broker instead")
-    serve_metrics(settings.metrics.port)
     return settings
+
+
+def worker_health(settings: Settings) -> Health:
+    """A Health serving /metrics, /healthz and /readyz on the metrics port (when one is set).
+
+    Use as a context manager around the worker so the server and its probes close with it.
+    """
+    from pipeline.health import Health  # kafka/redis imports only for worker commands
+
+    health = Health()
+    if settings.metrics.port is not None:
+        health.serve(settings.metrics.port)
+    return health
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from workers.capture import run_capture
 
     settings = _settings(args)
-    stats = run_capture(settings, args.camera or None, stop_on_signals(), replay_session=args.replay_session)
+    with worker_health(settings) as health:
+        stats = run_capture(settings, args.camera or None, stop_on_signals(), replay_session=args.replay_session,
+                            health=health)
     if args.stats_file:
         Path(args.stats_file).write_text(json.dumps({k: vars(v) for k, v in stats.items()}))
     return 1 if stats and all(s.error for s in stats.values()) else 0
@@ -55,14 +72,17 @@ def run_score_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if getattr(args, "method", None):
         settings.engine.method = args.method
-    run_score(settings, stop_on_signals())
+    with worker_health(settings) as health:
+        run_score(settings, stop_on_signals(), health=health)
     return 0
 
 
 def cmd_alert(args: argparse.Namespace) -> int:
     from workers.alert import run_alert
 
-    run_alert(_settings(args), stop_on_signals())
+    settings = _settings(args)
+    with worker_health(settings) as health:
+        run_alert(settings, stop_on_signals(), health=health)
     return 0
 
 
