@@ -19,6 +19,7 @@ from pipeline.health import BrokerCheck, Health, watch_dependencies
 from pipeline.metrics import FRAMES_CAPTURED, serve_metrics
 from tests.streaming_helpers import Background, site_settings
 from workers.alert import run_alert
+from workers.deliver import run_deliver
 from workers.score import run_score
 
 
@@ -273,3 +274,14 @@ def test_score_worker_reports_model_loaded(make_health: Callable[..., Health], k
         assert worker.error is None
         assert get_json(health, "/readyz")[1]["checks"] == {"loop": "ok", "broker": "ok", "redis": "ok",
                                                             "model_loaded": "ok"}
+
+
+def test_deliver_worker_becomes_ready(make_health: Callable[..., Health], kafka_settings: KafkaSettings,
+                                      redis_settings: RedisSettings) -> None:
+    health = make_health(cache_s=0.0)
+    settings = Settings(kafka=kafka_settings, redis=redis_settings)
+    with Background(run_deliver, settings, poll_timeout_ms=100, health=health) as worker:
+        wait_for(lambda: get_json(health, "/readyz")[0] == 200 or worker.error is not None, 20,
+                 "the deliver worker to become ready")
+        assert worker.error is None
+        assert get_json(health, "/readyz")[1]["checks"] == {"loop": "ok", "broker": "ok", "redis": "ok"}

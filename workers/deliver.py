@@ -20,6 +20,7 @@ from pipeline.config import Settings
 from pipeline.delivery.channels import KafkaSender, RedisStreamSender, Sender, WebhookSender
 from pipeline.delivery.dispatch import Dispatcher
 from pipeline.delivery.store import DeliveryLedger, ReplayAlerts, SubscriptionStore
+from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.redis_store import connect
 from schemas.events import DefectEvent
@@ -66,9 +67,14 @@ class SenderFactory:
 
 
 def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | None = None,
-                poll_timeout_ms: int = 200, max_records: int = 200) -> DeliverStats:
-    """Run until ``stop`` is set (or idle for ``idle_exit_s`` with nothing in flight)."""
+                poll_timeout_ms: int = 200, max_records: int = 200, health: Health | None = None) -> DeliverStats:
+    """Run until ``stop`` is set (or idle for ``idle_exit_s`` with nothing in flight).
+
+    ``health`` gets the broker and Redis readiness checks and a beat per loop iteration.
+    """
     kafka = settings.kafka
+    if health is not None:
+        watch_dependencies(health, settings)
     stats = DeliverStats()
     wlog = log.bind(worker="deliver", group=settings.deliver.group_id)
     client = connect(settings.redis)
@@ -93,6 +99,8 @@ def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | 
     wlog.info("deliver_worker_started", topic=kafka.topic("defects"))
     try:
         while not stop.is_set():
+            if health is not None:
+                health.beat()
             if time.monotonic() - last_reload >= settings.deliver.reload_s:
                 dispatcher.set_subscriptions(store.all())
                 last_reload = time.monotonic()

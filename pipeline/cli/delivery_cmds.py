@@ -31,13 +31,12 @@ def _out(text: str) -> None:
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
-    from pipeline.cli.stream_cmds import stop_on_signals
-    from pipeline.metrics import serve_metrics
+    from pipeline.cli.stream_cmds import stop_on_signals, worker_health
     from workers.deliver import run_deliver
 
     settings = _settings(args, kafka=True)
-    serve_metrics(settings.metrics.port)
-    run_deliver(settings, stop_on_signals())
+    with worker_health(settings) as health:
+        run_deliver(settings, stop_on_signals(), health=health)
     return 0
 
 
