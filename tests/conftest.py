@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,15 @@ def _unique(request: pytest.FixtureRequest) -> str:
     # Readable in broker/Redis listings, unique across tests and reruns.
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:40].strip("-")
     return f"t-{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers() -> Iterator[None]:
+    """CLI commands install SIGINT/SIGTERM handlers; later tests (and Ctrl-C) need the defaults back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")
