@@ -4,8 +4,10 @@
 
 1. engine only: the same frames scored in micro-batches straight through the engine;
 2. end to end at full speed: all cameras' frames published at once through the broker, the
-   scoring worker (same engine object) and the alert worker; frames/s from first publication to
-   last score;
+   scoring worker and the alert worker; frames/s from first publication to last score. As
+   deployed, each worker is its own process (`linewatch score`, `linewatch alert`) with the same
+   engine settings; ``--in-process`` runs them as threads of this process instead (they then
+   share one GIL with the measuring consumer, which costs the model throughput);
 3. latency at a sustainable pace (cameras x fps): p50/p95 from capture to score and to event.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -88,6 +92,29 @@ def publish(producer, kafka, camera: str, seq: int, jpeg: bytes, shape: tuple[in
     return ts
 
 
+def spawn_worker(name: str, settings: Settings) -> subprocess.Popen:
+    """`linewatch <name>` in its own process, configured through the environment."""
+    env = {
+        **os.environ,
+        "LINEWATCH_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers or "",
+        "LINEWATCH_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "LINEWATCH_KAFKA__PARTITIONS": str(settings.kafka.partitions),
+        "LINEWATCH_REDIS__URL": settings.redis.url or "",
+        "LINEWATCH_ENGINE__METHOD": settings.engine.method,
+        "LINEWATCH_ENGINE__BACKBONE": settings.engine.backbone,
+        "LINEWATCH_ENGINE__PRETRAINED": settings.engine.pretrained,
+        "LINEWATCH_ENGINE__PRECISION": settings.engine.precision,
+        "LINEWATCH_SCORING__MAX_BATCH": str(settings.scoring.max_batch),
+        "LINEWATCH_SCORING__MAX_WAIT_MS": str(settings.scoring.max_wait_ms),
+        "LINEWATCH_SCORING__STALENESS_S": "null",
+        "LINEWATCH_ALERT__K": str(settings.alert.k),
+        "LINEWATCH_ALERT__N": str(settings.alert.n),
+        "LINEWATCH_ALERT__QUIET_S": str(settings.alert.quiet_s),
+        "LINEWATCH_ALERT__DEFAULT_THRESHOLD": str(settings.alert.default_threshold),
+    }
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", name], env=env)
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -102,6 +129,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="ViT-B-16-plus-240")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--in-process", action="store_true", help="workers as threads, not processes")
     args = parser.parse_args()
 
     paths = sorted((DATA / "test" / "good").glob("*.jpg")) + sorted((DATA / "test" / "pitting").glob("*.jpg"))
@@ -127,17 +155,23 @@ def main() -> None:
                             alert=AlertSettings(k=2, n=3, quiet_s=1.0, default_threshold=float(np.median(scores))))
         create_topics(kafka)
         stop = threading.Event()
-        workers = [threading.Thread(target=run_score, args=(settings, stop), kwargs={"engine": engine}, daemon=True),
-                   threading.Thread(target=run_alert, args=(settings, stop), daemon=True)]
-        for w in workers:
-            w.start()
+        if args.in_process:
+            workers = [threading.Thread(target=run_score, args=(settings, stop), kwargs={"engine": engine},
+                                        daemon=True),
+                       threading.Thread(target=run_alert, args=(settings, stop), daemon=True)]
+            for w in workers:
+                w.start()
+            children: list[subprocess.Popen] = []
+        else:
+            workers = []
+            children = [spawn_worker(name, settings) for name in ("score", "alert")]
         follower = Follower(kafka)
         producer = make_producer(kafka)
         shape = images[0].shape[:2]
         # Warm-up: the consumer group has joined once this frame is scored.
         publish(producer, kafka, "warmup", 0, jpegs[0], shape)
         producer.flush()
-        follower.wait_for({("warmup", 0)}, 120)
+        follower.wait_for({("warmup", 0)}, 300)
 
         t0 = time.time()
         keys = set()
@@ -172,11 +206,14 @@ def main() -> None:
         follower.stop.set()
         for w in workers:
             w.join(30)
+        for child in children:
+            child.send_signal(signal.SIGINT)
+            child.wait(30)
         producer.close()
 
     print(f"method {args.method} ({engine.precision.name}), backbone {args.backbone}, {os.cpu_count()} cpus, "
           f"{args.cameras} cameras x {args.frames} frames {images[0].shape[1]}x{images[0].shape[0]}, "
-          f"max_batch {args.max_batch}")
+          f"max_batch {args.max_batch}, workers {'as threads' if args.in_process else 'as processes'}")
     print(f"engine only          : {engine_fps:8.2f} frames/s")
     print(f"end to end (full spd): {e2e_fps:8.2f} frames/s  ({100 * e2e_fps / engine_fps:.0f}% of engine only)")
     print(f"latency phase        : {args.cameras} cameras x {fps:.2f} fps")
