@@ -25,6 +25,7 @@ from kafka import TopicPartition
 from pipeline.bus import TOPICS, create_topics, make_consumer, topic_name
 from pipeline.config import Settings
 from pipeline.logging import get_logger
+from pipeline.replay.report import event_line
 from schemas import DefectEvent, ScoreMessage
 
 log = get_logger(__name__)
@@ -206,10 +207,7 @@ class Site:
         ev = DefectEvent.model_validate_json(value)
         self.summary.event_ids.add(ev.event_id)
         self.summary.events = len(self.summary.event_ids)
-        regions = ", ".join(f"{r.width}x{r.height}@({r.x},{r.y})" for r in ev.regions[:3])
-        self.say(f"[event {ev.status:>6}] {ev.event_id} camera={ev.camera_id} line={ev.line_id} "
-                 f"class={ev.product_class} frames {ev.first_seq}..{ev.last_seq} ({ev.n_frames} anomalous) "
-                 f"peak={ev.peak_score:.3f}@{ev.peak_seq} threshold={ev.threshold:.3f} regions=[{regions}]")
+        self.say(event_line(ev))
 
     def _print_summary(self) -> None:
         s = self.summary

@@ -7,10 +7,13 @@ import contextlib
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from pipeline.cli import CommandError
 from pipeline.config import Settings, load_settings
 from pipeline.logging import configure_logging
-from pipeline.replay.report import RunSummary
+from pipeline.replay.report import RunSummary, event_line
+from schemas.events import DefectEvent
 
 
 def _speed(text: str) -> float | None:
@@ -28,6 +31,11 @@ def _speed(text: str) -> float | None:
 def _say(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def _print_event(event: DefectEvent) -> None:
+    # tqdm owns the terminal's last line; tqdm.write keeps the bar intact below the event lines.
+    tqdm.write(event_line(event), file=sys.stdout)
 
 
 def _print_summary(summary: RunSummary, report: Path) -> None:
@@ -83,7 +91,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
              + (" (alerts reach subscriptions)" if args.alerts else ""))
         summary, report = run_replay(settings, source, str(args.path), report_dir, speed=args.speed,
                                      alerts=args.alerts, session=session, stop=stop, progress=not args.no_progress,
-                                     worker_check=worker_check)
+                                     worker_check=worker_check, on_event=_print_event)
     _print_summary(summary, report)
     return 0 if summary.complete else 1
 

@@ -59,16 +59,26 @@ class Lane:
             item = self._queue.get()
             if item is None:
                 break
-            try:
-                settled = self._handle(item)
-            except Exception:
-                # A bug or Redis outage: leave it unsettled (redelivered after a restart), keep serving.
-                log.exception("delivery_crashed", subscription=self.sub.id, event=item.event.event_id)
-                settled = False
-            if settled:
+            if self._handle_until_done(item):
                 self._dispatcher.tracker.settle(item.partition, item.offset)
         if self._sender is not None:
             self._sender.close()
+
+    def _handle_until_done(self, item: _Item) -> bool:
+        """Handle the item, retrying after unexpected errors (e.g. Redis down) until stopped.
+
+        Skipping it instead would deliver later events first or, unsettled, stall the commits.
+        """
+        delay = 0.5
+        while True:
+            try:
+                return self._handle(item)
+            except Exception:
+                log.exception("delivery_crashed", subscription=self.sub.id, event=item.event.event_id,
+                              retry_in_s=delay)
+            if self._dispatcher.stop.wait(delay):
+                return False  # unsettled: redelivered after a restart
+            delay = min(delay * 2, 30.0)
 
     def _handle(self, item: _Item) -> bool:
         d = self._dispatcher

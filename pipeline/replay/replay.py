@@ -97,8 +97,10 @@ def publish_frames(source: ReplayInput, producer: KafkaProducer, kafka: KafkaSet
 class SessionFollower:
     """Scores, events and dead letters of one replay session, read from where the topics end now."""
 
-    def __init__(self, kafka: KafkaSettings, session: str) -> None:
+    def __init__(self, kafka: KafkaSettings, session: str,
+                 on_event: Callable[[DefectEvent], None] | None = None) -> None:
         self.session = session
+        self._on_event = on_event
         create_topics(kafka, names=("frames", "scores", "defects", "dlq"))
         self._consumer: KafkaConsumer = make_consumer(kafka, None, [])
         self._topics = {name: topic_name(kafka, name) for name in ("scores", "defects", "dlq")}
@@ -133,6 +135,8 @@ class SessionFollower:
                 if event.replay_session != self.session:
                     return 0
                 self.events[event.event_id] = event  # a closing message replaces the opening one
+                if self._on_event is not None:
+                    self._on_event(event)
             else:
                 header = FrameHeader.from_headers(rec.headers)  # type: ignore[attr-defined]
                 if header.replay_session != self.session:

@@ -38,6 +38,14 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
 
 
+def event_line(ev: DefectEvent) -> str:
+    """One line per event transition, as `linewatch run` and `linewatch replay` print them."""
+    regions = ", ".join(f"{r.width}x{r.height}@({r.x},{r.y})" for r in ev.regions[:3])
+    return (f"[event {ev.status:>6}] {ev.event_id} camera={ev.camera_id} line={ev.line_id} "
+            f"class={ev.product_class} frames {ev.first_seq}..{ev.last_seq} ({ev.n_frames} anomalous) "
+            f"peak={ev.peak_score:.3f}@{ev.peak_seq} threshold={ev.threshold:.3f} regions=[{regions}]")
+
+
 def write_report(out_dir: Path, summary: RunSummary, scores: list[ScoreMessage], events: list[DefectEvent],
                  frame_lookup: FrameLookup | None = None) -> Path:
     """Write the report folder; returns the path of report.json."""

@@ -19,6 +19,7 @@ from pipeline.redis_store import connect
 from pipeline.replay.inputs import ReplayInput
 from pipeline.replay.replay import Published, SessionFollower, publish_frames
 from pipeline.replay.report import RunSummary, write_report
+from schemas.events import DefectEvent
 
 log = get_logger(__name__)
 
@@ -35,7 +36,8 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
                speed: float | None, alerts: bool = False, session: str | None = None,
                stop: threading.Event | None = None, progress: bool = True,
                first_score_timeout_s: float = 600.0, stall_timeout_s: float = 120.0,
-               worker_check: Callable[[], str | None] | None = None) -> tuple[RunSummary, Path]:
+               worker_check: Callable[[], str | None] | None = None,
+               on_event: Callable[[DefectEvent], None] | None = None) -> tuple[RunSummary, Path]:
     """Replay ``source`` through the deployed workers; returns the summary and the report path.
 
     ``worker_check`` (for embedded workers) returns an error when a worker died, ending the run.
@@ -51,7 +53,7 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
             ReplayAlerts(client, settings.redis.key_prefix).enable(session)
         finally:
             client.close()
-    follower = SessionFollower(settings.kafka, session)
+    follower = SessionFollower(settings.kafka, session, on_event)
     producer = make_producer(settings.kafka)
     published = Published()
     publisher = threading.Thread(target=publish_frames, name="replay-publish", daemon=True,
