@@ -364,3 +364,16 @@ def test_cli_generates_a_secret_when_none_given(cli_env: None, store: Subscripti
     out = capsys.readouterr().out
     secret = out.strip().rsplit(" ", 1)[-1]
     assert store.get("gen").channel.secret == secret and len(secret) >= 32  # type: ignore[union-attr]
+
+
+def test_cli_add_from_file(cli_env: None, store: SubscriptionStore, tmp_path: Any,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "mes.yaml"
+    spec.write_text("filters: {product_classes: [bolt], min_area: 200, statuses: [open, closed]}\n"
+                    "channel: {type: kafka, topic: mes.defects}\nrate_limit_s: 30\n")
+    assert main(["subscriptions", "add", "mes", "--from-file", str(spec)]) == 0
+    sub = store.get("mes")
+    assert sub.channel.type == "kafka" and sub.filters.statuses == ["open", "closed"] and sub.rate_limit_s == 30
+    spec.write_text("channel: {type: carrier-pigeon}\n")
+    assert main(["subscriptions", "add", "bad", "--from-file", str(spec)]) == 2
+    assert "invalid subscription" in capsys.readouterr().err
