@@ -1,7 +1,7 @@
 """`linewatch run`: a small site's workers in one process tree.
 
 Starts an embedded broker and cache when none are configured, one child process per worker
-(capture, score, alert) with their logs in a run folder, and follows the defects topic to show
+(capture, score, alert, deliver) with their logs in a run folder, and follows the defects topic to show
 events as they happen. With `exit_when_done` it stops once finite sources are fully captured,
 scored and alerted, and returns a summary.
 """
@@ -30,7 +30,7 @@ from schemas import DefectEvent, ScoreMessage
 
 log = get_logger(__name__)
 
-WORKERS = ("capture", "score", "alert")
+WORKERS = ("capture", "score", "alert", "deliver")
 
 
 @dataclass
@@ -140,6 +140,8 @@ class Site:
             # Scorer and alerter first: the scorer needs its model loaded before frames pile up.
             self.children["score"] = self.spawn("score", env, [])
             self.children["alert"] = self.spawn("alert", env, [])
+            # Subscriptions live in Redis: with a configured (not embedded) Redis they are served too.
+            self.children["deliver"] = self.spawn("deliver", env, [])
             self.children["capture"] = self.spawn("capture", env, capture_args)
             self.say(f"workers started: {', '.join(f'{n} (pid {p.pid})' for n, p in self.children.items())}; "
                      f"logs in {self.run_dir}")

@@ -345,4 +345,4 @@ def test_linewatch_run_replays_a_folder_on_embedded_infrastructure(shared_data: 
     assert "summary: frames=6 scores=6 events=1" in proc.stdout, proc.stdout + logs
     assert "embedded Kafka-compatible broker" in proc.stdout and "embedded cache" in proc.stdout
     assert "[event closed]" in proc.stdout and "RANDOM WEIGHTS" in proc.stdout
-    assert {p.name for p in run_dir.glob("*.log")} == {"capture.log", "score.log", "alert.log"}
+    assert {p.name for p in run_dir.glob("*.log")} == {"capture.log", "score.log", "alert.log", "deliver.log"}
