@@ -3,9 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup browser demo test lint bench
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# tests/test_dashboard.py drives Debian's chromium + chromedriver; install them when missing and we
+# can (root with apt). Never fails setup: without them that test fails, saying how to install them.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium chromium-driver) \
+	    || echo "warning: could not install chromium chromium-driver; the dashboard test will fail without them"; \
+	  else \
+	    echo "note: chromium/chromedriver missing; install with: sudo apt-get install chromium chromium-driver"; \
+	  fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

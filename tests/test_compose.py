@@ -96,7 +96,8 @@ def test_every_linewatch_service_has_a_healthz_healthcheck(services: dict[str, d
     for name, service in services.items():
         if "build" not in service or name == "topics":  # topics is a one-shot job, not a worker
             continue
-        port = env_of(service)["LINEWATCH_METRICS__PORT"]
+        # The API answers /healthz on its HTTP port; the workers on their metrics port.
+        port = "8080" if name == "api" else env_of(service)["LINEWATCH_METRICS__PORT"]
         check = service.get("healthcheck")
         assert check, f"{name} has no healthcheck"
         command = " ".join(check["test"])
@@ -144,9 +145,12 @@ def test_worker_healthcheck_command_probes_healthz(services: dict[str, dict[str,
 def test_prometheus_scrapes_every_worker(services: dict[str, dict[str, Any]]) -> None:
     config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "linewatch")
-    (sd,) = job["dns_sd_configs"]  # DNS finds every replica of a scaled service
-    assert set(sd["names"]) == set(WORKERS)
-    assert str(sd["port"]) == env_of(services["score"])["LINEWATCH_METRICS__PORT"]
+    # DNS finds every replica of a scaled service; the API is scraped on its HTTP port.
+    ports = {name: str(sd["port"]) for sd in job["dns_sd_configs"] for name in sd["names"]}
+    assert set(ports) == set(WORKERS)
+    for name in WORKERS:
+        expected = "8080" if name == "api" else env_of(services[name])["LINEWATCH_METRICS__PORT"]
+        assert ports[name] == expected, name
 
 
 def test_grafana_provisioning_matches_the_dashboard(services: dict[str, dict[str, Any]]) -> None:
