@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/linewatch --config demo/linewatch.yaml replay demo/stream --camera-id line1-cam1 --speed 4
+	$(VENV)/bin/linewatch --config demo/linewatch.yaml run --replay --exit-when-done
 
 test: setup
 	$(VENV)/bin/pytest -q
