@@ -11,7 +11,15 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.bus import create_topics, make_producer, topic_name
-from pipeline.config import EngineSettings, KafkaSettings, RedisSettings, ScoringSettings, Settings
+from pipeline.config import (
+    AlertSettings,
+    DeliverSettings,
+    EngineSettings,
+    KafkaSettings,
+    RedisSettings,
+    ScoringSettings,
+    Settings,
+)
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.imaging import encode_jpeg
 from schemas import FrameHeader
@@ -25,11 +33,17 @@ def small_engine(method: str = "winclip", cache: Any = None) -> AnomalyEngine:
 
 
 def site_settings(kafka: KafkaSettings, redis: RedisSettings | None = None, **scoring: Any) -> Settings:
+    """Small-engine settings; consumer groups are named after the test's topic prefix, because a
+    group shared with an earlier test (on the one session broker) can hold up the next join."""
+    prefix = kafka.topic_prefix
     return Settings(
         kafka=kafka,
         redis=redis or RedisSettings(),
         engine=EngineSettings(backbone=SMALL, pretrained="random", precision="fp32"),
-        scoring=ScoringSettings(**{"max_batch": 8, "max_wait_ms": 100, "staleness_s": None, **scoring}),
+        scoring=ScoringSettings(**{"max_batch": 8, "max_wait_ms": 100, "staleness_s": None,
+                                   "group_id": f"{prefix}-score", **scoring}),
+        alert=AlertSettings(group_id=f"{prefix}-alert"),
+        deliver=DeliverSettings(group_id=f"{prefix}-deliver"),
     )
 
 

@@ -116,7 +116,7 @@ def api_settings(broker: str, redis_server: str) -> Settings:
     return Settings(
         kafka=KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix, partitions=2, request_timeout_ms=10_000),
         redis=RedisSettings(url=redis_server, key_prefix=prefix),
-        api=ApiSettings(host="127.0.0.1", port=free_port(), token=TOKEN, max_events=1000),
+        api=ApiSettings(host="127.0.0.1", port=free_port(), token=TOKEN, max_events=1000, group_id=f"{prefix}-api"),
         deliver=DeliverSettings(allow_private_networks=True),
     )
 

@@ -62,7 +62,7 @@ def server(broker: str, redis_server: str) -> Iterator[ApiServer]:
     settings = Settings(
         kafka=KafkaSettings(bootstrap_servers=broker, topic_prefix=prefix, partitions=2, request_timeout_ms=10_000),
         redis=RedisSettings(url=redis_server, key_prefix=prefix),
-        api=ApiSettings(host="127.0.0.1", port=free_port(), token=TOKEN),
+        api=ApiSettings(host="127.0.0.1", port=free_port(), token=TOKEN, group_id=f"{prefix}-api"),
     )
     with running_api(settings) as api:
         yield api
@@ -157,3 +157,45 @@ def test_token_form_when_no_or_a_wrong_token(browser: WebDriver, server: ApiServ
          "the stream with the right token")
     assert not form.is_displayed()
     assert browser.execute_script("return localStorage.getItem('linewatch.token')") == TOKEN
+
+
+def test_a_real_replay_shows_up_live(browser: WebDriver, server: ApiServer, shared_data: Path,
+                                     tmp_path: Path) -> None:
+    """The whole way: `run_replay` -> frames topic -> scoring -> alerting -> API ingest -> SSE -> page."""
+    import cv2
+
+    from pipeline.config import AlertSettings
+    from pipeline.imaging import encode_jpeg, read_image
+    from pipeline.recording import Recorder
+    from pipeline.replay.inputs import Labels, open_input
+    from pipeline.replay.runner import run_replay
+    from schemas.frames import FrameRef
+    from tests.streaming_helpers import Background, site_settings, small_engine
+    from workers.alert import run_alert
+    from workers.score import run_score
+
+    settings = site_settings(server.settings.kafka, server.settings.redis)
+    # Zero threshold, k = n = 1: every frame is anomalous, so the replay opens an event for sure.
+    settings.alert = AlertSettings(k=1, n=1, quiet_s=0.5, default_threshold=0.0, min_region_area=0,
+                                   group_id=settings.alert.group_id)
+    camera = f"line-cam-{uuid.uuid4().hex[:6]}"
+    with Recorder(tmp_path / "rec", camera) as rec:
+        for seq, path in enumerate(sorted((shared_data / "test" / "pitting").glob("*.jpg"))[:2]):
+            image = cv2.resize(read_image(str(path)), (160, 64))
+            rec.write(encode_jpeg(image), FrameRef(camera_id=camera, line_id="line-1", product_class="ball_screw",
+                                                   seq=seq, capture_ts=1_767_225_600.0 + seq, width=160, height=64))
+    browser.get_log("browser")  # drop what earlier tests left (the token form test's deliberate 401s)
+    open_dashboard(browser, server)
+    with Background(run_score, settings, engine=small_engine()), Background(run_alert, settings):
+        summary, _ = run_replay(settings, open_input(tmp_path / "rec", Labels()), "rec", tmp_path / "report",
+                                speed=None, progress=False)
+    assert summary.complete and summary.events >= 1, summary
+    item = wait(browser, ec.presence_of_element_located(
+        (By.CSS_SELECTOR, f'#events li[data-replay-session="{summary.session}"]')), "the replayed event in the feed")
+    assert isinstance(item, WebElement) and camera in item.text
+    item.click()
+    view = wait(browser, ec.visibility_of_element_located((By.ID, "event-view")), "the event view")
+    assert isinstance(view, WebElement)
+    overlay = view.find_element(By.CSS_SELECTOR, "img.overlay")
+    wait(browser, lambda d: loaded(d, overlay), "the overlay image")
+    assert console_errors(browser) == []

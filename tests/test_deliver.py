@@ -61,7 +61,8 @@ def webhook(sub_id: str, url: str, **kw: Any) -> Subscription:
 @pytest.fixture
 def settings(kafka_settings: KafkaSettings, redis_settings: RedisSettings) -> Settings:
     return Settings(kafka=kafka_settings, redis=redis_settings,
-                    deliver=DeliverSettings(allow_private_networks=True, reload_s=0.2))
+                    deliver=DeliverSettings(allow_private_networks=True, reload_s=0.2,
+                                            group_id=f"{kafka_settings.topic_prefix}-deliver"))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pipeline.config import AlertSettings, KafkaSettings, RedisSettings, Settings
+from pipeline.config import AlertSettings, DeliverSettings, KafkaSettings, RedisSettings, Settings
 from pipeline.embedded import EmbeddedBroker, free_port
 from pipeline.health import BrokerCheck, Health, watch_dependencies
 from pipeline.metrics import FRAMES_CAPTURED, serve_metrics
@@ -279,7 +279,8 @@ def test_score_worker_reports_model_loaded(make_health: Callable[..., Health], k
 def test_deliver_worker_becomes_ready(make_health: Callable[..., Health], kafka_settings: KafkaSettings,
                                       redis_settings: RedisSettings) -> None:
     health = make_health(cache_s=0.0)
-    settings = Settings(kafka=kafka_settings, redis=redis_settings)
+    settings = Settings(kafka=kafka_settings, redis=redis_settings,
+                        deliver=DeliverSettings(group_id=f"{kafka_settings.topic_prefix}-deliver"))
     with Background(run_deliver, settings, poll_timeout_ms=100, health=health) as worker:
         wait_for(lambda: get_json(health, "/readyz")[0] == 200 or worker.error is not None, 20,
                  "the deliver worker to become ready")

@@ -7,7 +7,9 @@ brings a whole site up on its embedded broker and cache.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -346,3 +348,49 @@ def test_linewatch_run_replays_a_folder_on_embedded_infrastructure(shared_data: 
     assert "embedded Kafka-compatible broker" in proc.stdout and "embedded cache" in proc.stdout
     assert "[event closed]" in proc.stdout and "RANDOM WEIGHTS" in proc.stdout
     assert {p.name for p in run_dir.glob("*.log")} == {"capture.log", "score.log", "alert.log", "deliver.log"}
+
+
+def test_linewatch_run_stops_cleanly_on_ctrl_c(shared_data: Path, tmp_path: Path) -> None:
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    for i, p in enumerate(sorted((shared_data / "test" / "good").glob("*.jpg"))[:2]):
+        cv2.imwrite(str(stream / f"f{i:02d}.jpg"), cv2.resize(cv2.imread(str(p)), (160, 64)))
+    cfg = tmp_path / "site.yaml"
+    # A looping source never ends: only Ctrl-C stops this site.
+    cfg.write_text("engine: {backbone: ViT-S-32, pretrained: random, precision: fp32}\n"
+                   f"cameras:\n  - {{id: cam-1, product_class: {CLASS}, source: '{stream}', fps: 2, loop: true}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(cfg), "run", "--run-dir",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(), start_new_session=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "workers started" in line or not line:
+            break
+    started = next((ln for ln in lines if "workers started" in ln), None)
+    assert started, "".join(lines)
+    pids = [int(pid) for pid in re.findall(r"pid (\d+)", started)]
+    broker_port = int(re.search(r"broker \(tansu\) at 127\.0\.0\.1:(\d+)", "".join(lines)).group(1))  # type: ignore[union-attr]
+    assert len(pids) == 4
+    time.sleep(3)  # let the workers get going
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), out
+    assert "summary:" in out
+    for pid in pids:
+        assert not _alive(pid), f"worker pid {pid} survived Ctrl-C"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", broker_port), timeout=1).close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead but unreaped: its parent has exited, so init reaps it soon.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
