@@ -3,7 +3,7 @@
     python bench/engine.py [--backbone ViT-B-16-plus-240] [--pretrained random] [--iters 2]
 
 Prints frames/s, ms/frame, peak memory, the cost relative to one bare forward, and for the fast
-(mixed-precision) mode its deviation from exact fp32 (max image-score difference, Spearman
+(lower-precision) mode its deviation from exact fp32 (max image-score difference, Spearman
 correlation of the maps). Random weights time the same matrix work as real ones.
 """
 

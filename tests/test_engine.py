@@ -135,7 +135,34 @@ def test_precision_modes() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu, "winclip") is FP32
     assert resolve_precision("auto", cpu, "alfa") is FP32
-    assert resolve_precision("bf16", cpu, "winclip").window_dtype == torch.bfloat16
+    assert resolve_precision("bf16", cpu, "winclip").image_dtype == torch.bfloat16
+    assert resolve_precision("fp16", cpu, "winclip").window_dtype == torch.float16
     assert resolve_precision("fp16", torch.device("cuda"), "alfa").model_dtype == torch.float16
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("int4", cpu, "winclip")
+
+
+@pytest.mark.parametrize("method", ["winclip", "alfa"])
+def test_bf16_image_tower_is_a_cast_copy_close_to_exact(method: str, frames: list[np.ndarray]) -> None:
+    from scipy.stats import spearmanr
+
+    bb, fp = backbone(SMALL)
+    exact = make_engine(method)
+    fast = AnomalyEngine(EngineSettings(method=method, backbone=SMALL, pretrained="random", precision="bf16"),
+                         backbone=bb, fingerprint=fp)
+    assert fast.precision.name == "bf16-image"
+    tower = fast.winclip.image_backbone if method == "winclip" else fast.alfa.image_backbone
+    # A copy: the shared backbone (text tower, exact mode) keeps its fp32 weights.
+    assert tower is not bb and tower.dtype == torch.bfloat16 and bb.dtype == torch.float32
+    calls: list[torch.dtype] = []
+    hook = tower.blocks[0].ln_1.register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].dtype))
+    try:
+        got = fast.score(frames, "ball_screw")
+    finally:
+        hook.remove()
+    assert calls and set(calls) == {torch.bfloat16}
+    want = exact.score(frames, "ball_screw")
+    for g, w in zip(got, want, strict=True):
+        assert g.anomaly_map.dtype == np.float32 and g.anomaly_map.shape == w.anomaly_map.shape
+        assert abs(g.image_score - w.image_score) < 0.02
+        assert spearmanr(g.anomaly_map.ravel()[::13], w.anomaly_map.ravel()[::13]).statistic > 0.98

@@ -82,8 +82,11 @@ class AlfaParams:
 
 
 class Alfa:
-    def __init__(self, backbone: ClipBackbone, params: AlfaParams | None = None) -> None:
+    def __init__(self, backbone: ClipBackbone, params: AlfaParams | None = None,
+                 image_backbone: ClipBackbone | None = None) -> None:
         self.backbone = backbone
+        # Image forwards may run on a lower-precision copy of the image tower (``precision: bf16``).
+        self.image_backbone = image_backbone or backbone
         self.params = params or AlfaParams()
         n = backbone.n_layers
         self.layers = self.params.layers or (n // 2, (3 * n) // 4, n)
@@ -97,8 +100,8 @@ class Alfa:
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """One forward: image embedding (B, D), projected patch tokens per layer [(B, P, D)],
         final patch tokens (B, P, C) (for the optional reference memory)."""
-        bb = self.backbone
-        x = bb.visual.ln_pre(bb.visual.patch_dropout(bb.embed(images)))
+        bb = self.image_backbone
+        x = bb.visual.ln_pre(bb.visual.patch_dropout(bb.embed(images.to(bb.dtype))))
         inner = tuple(layer for layer in self.layers if layer < bb.n_layers)
         x, taken = bb.run_blocks(x, stop=bb.n_layers - 1, collect=inner)
         final, _ = bb.run_blocks(x, start=bb.n_layers - 1)

@@ -9,6 +9,7 @@ tests that compare this adapter with open_clip's public `encode_image`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import open_clip
@@ -87,6 +88,20 @@ class ClipBackbone:
     def to(self, device: torch.device | str) -> ClipBackbone:
         self.model.to(device)
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.proj.dtype
+
+    def image_tower_copy(self, dtype: torch.dtype) -> ClipBackbone:
+        """An adapter over a copy of the image tower with its weights cast to ``dtype`` once.
+
+        For low-precision image forwards: autocast would recast every weight on every call, which
+        on CPU costs more than the lower precision saves. The copy has no text tower.
+        """
+        holder = nn.Module()
+        holder.visual = copy.deepcopy(self.visual).to(dtype)
+        return ClipBackbone(holder, self.tokenizer, self.name)
 
     # -- text ------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:

@@ -74,8 +74,10 @@ class AnomalyEngine:
         self.fingerprint = fingerprint or f"custom:{settings.backbone}"
         self.method = settings.method
         self.precision: Precision = resolve_precision(settings.precision, self.device, self.method)
-        self.winclip = WinClip(backbone, window_dtype=self.precision.window_dtype)
-        self.alfa = Alfa(backbone)
+        image_dtype = self.precision.image_dtype
+        image_backbone = self.backbone.image_tower_copy(image_dtype) if image_dtype is not None else None
+        self.winclip = WinClip(backbone, window_dtype=self.precision.window_dtype, image_backbone=image_backbone)
+        self.alfa = Alfa(backbone, image_backbone=image_backbone)
         self._references: dict[str, ReferenceMemory | torch.Tensor] = {}
         self._text: dict[str, torch.Tensor | PromptPools] = {}
         self._lock = threading.Lock()

@@ -1,8 +1,10 @@
 """Precision modes, chosen per stage by measurement (see bench/README.md).
 
-On this class of CPU, bf16 autocast runs the many short window sequences ~1.9x faster than
-fp32 but full-image forwards several times slower, so the CPU fast mode ("mixed") keeps the full
-forward in fp32 and runs only the window stage in bf16. On CUDA, half precision wins everywhere.
+On CPUs with native bf16, autocast recasts every weight on every call: it ran window batches
+~1.9x faster than fp32 but full-image forwards ~3x slower. An image tower whose weights are
+cast to bf16 once runs both ~2.2x faster, so the CPU fast mode ("bf16-image") uses such a copy
+for every image forward while text stays fp32. fp16 on CPU has no fast kernels for full
+forwards, so it stays an autocast of the window stage. On CUDA, half precision wins everywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Precision:
     name: str
     model_dtype: torch.dtype | None  # autocast for the whole forward
     window_dtype: torch.dtype | None  # autocast for the WinCLIP window stage only
+    image_dtype: torch.dtype | None = None  # image tower weights cast once to this dtype
 
     def model_autocast(self, device: torch.device) -> object:
         if self.model_dtype is None:
@@ -28,7 +31,7 @@ class Precision:
 
 
 FP32 = Precision("fp32", None, None)
-MIXED_BF16 = Precision("mixed-bf16", None, torch.bfloat16)
+BF16_IMAGE = Precision("bf16-image", None, None, torch.bfloat16)
 
 
 @cache
@@ -43,21 +46,24 @@ def cpu_has_bf16() -> bool:
 def resolve_precision(requested: str, device: torch.device, method: str) -> Precision:
     """fp32 | bf16 | fp16 | auto -> a concrete mode.
 
-    auto: CUDA -> fp16 autocast; CPU with native bf16 -> bf16 windows only (WinCLIP); else fp32.
-    ALFA has no window stage, so on CPU auto keeps it in fp32 (bf16 full forwards are slower there).
+    auto: CUDA -> fp16 autocast; CPU with native bf16 -> a bf16 image tower for WinCLIP (whose
+    deviation from exact is measured in bench/engine.py); else fp32. ALFA is within 1.2x of one
+    bare forward already, so on CPU auto keeps it exact; ``bf16`` asks for the bf16 tower for it too.
     """
     if requested == "fp32":
         return FP32
     if requested in ("bf16", "fp16"):
         dtype = torch.bfloat16 if requested == "bf16" else torch.float16
         if device.type == "cpu":
-            # On CPU only the window stage benefits; the full forward stays fp32 (measured).
-            return Precision(f"mixed-{requested}", None, dtype)
+            if dtype == torch.bfloat16:
+                return BF16_IMAGE
+            # No fast fp16 kernels for full forwards on CPU: only the window stage (measured).
+            return Precision("mixed-fp16", None, dtype)
         return Precision(requested, dtype, None)
     if requested != "auto":
         raise ValueError(f"unknown precision {requested!r}; choose fp32, bf16, fp16 or auto")
     if device.type == "cuda":
         return Precision("fp16", torch.float16, None)
     if method == "winclip" and cpu_has_bf16():
-        return MIXED_BF16
+        return BF16_IMAGE
     return FP32

@@ -45,8 +45,11 @@ class ReferenceMemory:
 
 class WinClip:
     def __init__(self, backbone: ClipBackbone, scales: tuple[int, ...] = (2, 3),
-                 temperature: float = TEMPERATURE, window_dtype: torch.dtype | None = None) -> None:
+                 temperature: float = TEMPERATURE, window_dtype: torch.dtype | None = None,
+                 image_backbone: ClipBackbone | None = None) -> None:
         self.backbone = backbone
+        # Image forwards may run on a lower-precision copy of the image tower (fast mode).
+        self.image_backbone = image_backbone or backbone
         self.scales = scales
         self.temperature = temperature
         # Window stage precision: a lower-precision autocast here is the "fast" mode.
@@ -69,9 +72,9 @@ class WinClip:
 
     def encode(self, images: torch.Tensor) -> WindowEncoding:
         """(B, 3, H, W) normalised images -> image, window and patch embeddings."""
-        tokens = self.backbone.encode(images)
+        tokens = self.image_backbone.encode(images.to(self.image_backbone.dtype))
         with self._window_context():
-            windows = [self.backbone.encode_windows(tokens.embeds, m).float() for m in self.masks]
+            windows = [self.image_backbone.encode_windows(tokens.embeds, m).float() for m in self.masks]
         return WindowEncoding(image=tokens.pooled.float(), windows=windows, patches=tokens.patches.float())
 
     def reference_memory(self, images: torch.Tensor) -> ReferenceMemory:
