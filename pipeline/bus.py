@@ -136,6 +136,19 @@ def lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return out
 
 
+def close_clients(consumer: KafkaConsumer, producer: KafkaProducer, worker: str) -> None:
+    """Close a worker's consumer (without committing) and producer; failures are logged, not raised,
+    because closing must not hide the error that ended the worker."""
+    try:
+        consumer.close(autocommit=False)
+    except Exception as exc:
+        log.warning("consumer_close_failed", worker=worker, error=repr(exc))
+    try:
+        producer.close(timeout=5)
+    except Exception as exc:
+        log.warning("producer_close_failed", worker=worker, error=repr(exc))
+
+
 # -- dead letters -------------------------------------------------------------------------------
 def send_dead_letter(
     producer: KafkaProducer, kafka: KafkaSettings, record: ConsumerRecord, reason: str, stage: str

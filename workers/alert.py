@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.producer.future import FutureRecordMetadata
@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from pipeline.alerting.stage import AlertStage, score_key
 from pipeline.alerting.state_store import CameraStateStore, StateKey
 from pipeline.bus import (
+    close_clients,
     commit_offsets,
     create_topics,
     lag,
@@ -118,7 +119,7 @@ def run_alert(
                 wlog.info("alert_worker_idle_exit", idle_s=idle_exit_s)
                 break
     finally:
-        _close(consumer, producer)
+        close_clients(consumer, producer, "alert")
         client.close()
         wlog.info("alert_worker_stopped", **asdict(stats))
     return stats
@@ -184,13 +185,3 @@ def _brief(exc: BaseException) -> str:
         return f"{exc.error_count()} error(s), first at {where}: {first['msg']}"
     return str(exc)[:200]
 
-
-def _close(consumer: KafkaConsumer, producer: KafkaProducer) -> None:
-    try:
-        consumer.close(autocommit=False)
-    except Exception as exc:  # closing must not hide the error that got us here
-        log.warning("alert_consumer_close_failed", error=repr(exc))
-    try:
-        producer.close(timeout=5)
-    except Exception as exc:
-        log.warning("alert_producer_close_failed", error=repr(exc))

@@ -15,7 +15,15 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
-from pipeline.bus import commit_offsets, create_topics, lag, make_consumer, make_producer, send_dead_letter
+from pipeline.bus import (
+    close_clients,
+    commit_offsets,
+    create_topics,
+    lag,
+    make_consumer,
+    make_producer,
+    send_dead_letter,
+)
 from pipeline.config import Settings
 from pipeline.delivery.channels import KafkaSender, RedisStreamSender, Sender, WebhookSender
 from pipeline.delivery.dispatch import Dispatcher
@@ -139,7 +147,7 @@ def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | 
         dispatcher.close()
         # Whatever the lanes settled before stopping is committed; the rest is redelivered.
         stats.commits += _commit(consumer, dispatcher, assigned, committed)
-        _close(consumer, dlq)
+        close_clients(consumer, dlq, "deliver")
         senders.close()
         client.close()
         wlog.info("deliver_worker_stopped", **asdict(stats))
@@ -170,13 +178,3 @@ def _commit(consumer: KafkaConsumer, dispatcher: Dispatcher, assigned: set[Topic
     committed.update(offsets)  # type: ignore[arg-type]
     return 1
 
-
-def _close(consumer: KafkaConsumer, producer: KafkaProducer) -> None:
-    try:
-        consumer.close(autocommit=False)
-    except Exception as exc:  # closing must not hide the error that got us here
-        log.warning("deliver_consumer_close_failed", error=repr(exc))
-    try:
-        producer.close(timeout=5)
-    except Exception as exc:
-        log.warning("deliver_producer_close_failed", error=repr(exc))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,30 +148,35 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sender(settings: Settings, sub: Any, client: Any) -> Any:
+@contextlib.contextmanager
+def _subscription_sender(settings: Settings, sub_id: str) -> Iterator[tuple[Any, Any, Any]]:
+    """(subscription, its sender, the ledger) for one command; everything closed afterwards."""
     from workers.deliver import SenderFactory
 
-    if sub.channel.type == "kafka" and not settings.kafka.bootstrap_servers:
-        raise CommandError("this subscription delivers to Kafka: configure LINEWATCH_KAFKA__BOOTSTRAP_SERVERS")
-    return SenderFactory(settings, client)
+    client, store, ledger = _stores(settings)
+    factory = None
+    try:
+        sub = _get(store, sub_id)
+        if sub.channel.type == "kafka" and not settings.kafka.bootstrap_servers:
+            raise CommandError("this subscription delivers to Kafka: configure LINEWATCH_KAFKA__BOOTSTRAP_SERVERS")
+        factory = SenderFactory(settings, client)
+        sender = factory(sub)
+        try:
+            yield sub, sender, ledger
+        finally:
+            sender.close()
+    finally:
+        if factory is not None:
+            factory.close()
+        client.close()
 
 
 def cmd_test(args: argparse.Namespace) -> int:
     from pipeline.delivery.manage import send_test
 
     settings = _settings(args)
-    client, store, _ = _stores(settings)
-    factory = None
-    try:
-        sub = _get(store, args.id)
-        factory = _sender(settings, sub, client)
-        sender = factory(sub)
+    with _subscription_sender(settings, args.id) as (sub, sender, _):
         error = send_test(sub, sender, settings)
-        sender.close()
-    finally:
-        if factory is not None:
-            factory.close()
-        client.close()
     if error:
         _out(f"test delivery to {args.id} FAILED: {error}")
         return 1
@@ -200,18 +207,8 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     from pipeline.delivery.manage import redrive
 
     settings = _settings(args)
-    client, store, ledger = _stores(settings)
-    factory = None
-    try:
-        sub = _get(store, args.id)
-        factory = _sender(settings, sub, client)
-        sender = factory(sub)
+    with _subscription_sender(settings, args.id) as (sub, sender, ledger):
         result = redrive(sub, ledger, sender, settings, args.delivery or None)
-        sender.close()
-    finally:
-        if factory is not None:
-            factory.close()
-        client.close()
     _out(f"redrive {args.id}: {len(result.delivered)} delivered, {len(result.failed)} still failing")
     for did, error in result.failed.items():
         _out(f"  {did}: {error}")
