@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.bus import create_topics, make_producer, topic_name
@@ -92,31 +93,43 @@ def read_topic(kafka: KafkaSettings, name: str, min_count: int, timeout_s: float
 
 
 class Background:
-    """Run a worker function in a thread with a stop event; join on exit."""
+    """Run a worker function ``fn(*args, stop, **kwargs)`` in a thread; ``join`` stops it and joins,
+    ``wait`` joins a worker that ends by itself (idle exit). Both re-raise the worker's error."""
 
     def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self.stop = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.name = getattr(fn, "__name__", "worker")
 
         def target() -> None:
             try:
                 self.result = fn(*args, self.stop, **kwargs)
-            except BaseException as exc:  # surfaced by join()
+            except BaseException as exc:  # surfaced by join()/wait()
                 self.error = exc
 
-        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread = threading.Thread(target=target, name=self.name, daemon=True)
 
-    def __enter__(self) -> Background:
+    def start(self) -> Background:
         self.thread.start()
         return self
+
+    def __enter__(self) -> Background:
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.join()
 
-    def join(self, timeout: float = 60.0) -> Any:
-        self.stop.set()
+    def wait(self, timeout: float = 60.0) -> Any:
         self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.stop.set()
+            self.thread.join(15)
+            pytest.fail(f"{self.name} did not exit within {timeout} s")
         if self.error is not None:
             raise self.error
         return self.result
+
+    def join(self, timeout: float = 60.0) -> Any:
+        self.stop.set()
+        return self.wait(timeout)

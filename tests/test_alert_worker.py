@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,7 +21,8 @@ from pipeline.redis_store import ThresholdStore
 from schemas.events import DefectEvent
 from schemas.frames import FrameRef
 from schemas.scores import ScoreMessage
-from workers.alert import AlertStats, run_alert
+from tests.streaming_helpers import Background
+from workers.alert import run_alert
 
 T0 = 1_700_000_000.0
 DT = 0.1
@@ -96,41 +95,12 @@ def summary(evs: list[DefectEvent]) -> list[tuple[str, int, int, int, int]]:
     return [(e.status, e.first_seq, e.last_seq, e.n_frames, e.peak_seq) for e in evs]
 
 
-@dataclass
-class WorkerThread:
-    stop: threading.Event = field(default_factory=threading.Event)
-    stats: AlertStats | None = None
-    error: BaseException | None = None
-    thread: threading.Thread | None = None
-
-    def join(self, timeout: float = 30) -> AlertStats:
-        assert self.thread is not None
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.stop.set()
-            self.thread.join(10)
-            pytest.fail("alert worker did not exit in time")
-        if self.error is not None:
-            raise self.error
-        assert self.stats is not None
-        return self.stats
-
-
 @pytest.fixture
-def start_worker() -> Iterator[Callable[..., WorkerThread]]:
-    started: list[WorkerThread] = []
+def start_worker() -> Iterator[Callable[..., Background]]:
+    started: list[Background] = []
 
-    def start(settings: Settings, idle_exit_s: float | None = None) -> WorkerThread:
-        w = WorkerThread()
-
-        def target() -> None:
-            try:
-                w.stats = run_alert(settings, w.stop, idle_exit_s=idle_exit_s, poll_timeout_ms=100)
-            except BaseException as exc:
-                w.error = exc
-
-        w.thread = threading.Thread(target=target, name="alert-worker", daemon=True)
-        w.thread.start()
+    def start(settings: Settings, idle_exit_s: float | None = None) -> Background:
+        w = Background(run_alert, settings, idle_exit_s=idle_exit_s, poll_timeout_ms=100).start()
         started.append(w)
         return w
 
@@ -138,7 +108,6 @@ def start_worker() -> Iterator[Callable[..., WorkerThread]]:
     for w in started:  # never leave a worker polling into the next test
         w.stop.set()
     for w in started:
-        assert w.thread is not None
         w.thread.join(15)
 
 
@@ -150,7 +119,7 @@ def make_settings(kafka: KafkaSettings, redis_settings: RedisSettings, **alert: 
 
 # -- worker -------------------------------------------------------------------------------------
 def test_worker_debounces_merges_and_closes(kafka_settings: KafkaSettings, redis_settings: RedisSettings,
-                                            start_worker: Callable[..., WorkerThread]) -> None:
+                                            start_worker: Callable[..., Background]) -> None:
     settings = make_settings(kafka_settings, redis_settings)
     create_topics(kafka_settings)
     a = [0.1, 0.1, 0.1, 0.9, 0.1, 0.1, 0.8, 0.9, 0.1, 0.1, 0.1, 0.95, 0.1]  # s3 alone; s6.. one event
@@ -161,7 +130,7 @@ def test_worker_debounces_merges_and_closes(kafka_settings: KafkaSettings, redis
     scores += stream("cam-c", [0.1, 0.7, 0.8])  # opens; never closed by a message: tick closes it
     produce(kafka_settings, scores, raw=[("cam-a", b"{not json")])
 
-    stats = start_worker(settings, idle_exit_s=settings.alert.quiet_s + 1.5).join(40)
+    stats = start_worker(settings, idle_exit_s=settings.alert.quiet_s + 1.5).wait(40)
 
     events = read_events(kafka_settings)
     assert set(events) == {("cam-a", None), ("cam-a", "replay-1"), ("cam-c", None)}
@@ -189,7 +158,7 @@ def test_worker_debounces_merges_and_closes(kafka_settings: KafkaSettings, redis
 
 def test_worker_restart_mid_event_opens_once_and_closes_once(
     kafka_settings: KafkaSettings, redis_settings: RedisSettings, redis_client: redis.Redis,
-    start_worker: Callable[..., WorkerThread],
+    start_worker: Callable[..., Background],
 ) -> None:
     # quiet_s is long so the first worker's tick cannot close the event before it is stopped.
     settings = make_settings(kafka_settings, redis_settings, quiet_s=20.0)
@@ -207,7 +176,6 @@ def test_worker_restart_mid_event_opens_once_and_closes_once(
     while (stored() or {}).get("last_seq") != 3 and time.monotonic() < deadline:
         time.sleep(0.1)
     # Stop mid-event; the worker finishes the batch in hand (persist, then commit) before it exits.
-    first.stop.set()
     first.join(15)
     assert [e.status for e in read_events(kafka_settings)[("cam-r", None)]] == ["open"]
     state = stored()
@@ -218,7 +186,7 @@ def test_worker_restart_mid_event_opens_once_and_closes_once(
     rest.append(make_score("cam-r", 6, 0.1, ts=T0 + 4 * DT + 25.0))  # quiet period over: closes
     produce(kafka_settings, rest)
     second = start_worker(settings, idle_exit_s=1.5)
-    stats = second.join(40)
+    stats = second.wait(40)
 
     events = read_events(kafka_settings)
     assert list(events) == [("cam-r", None)]
@@ -230,7 +198,7 @@ def test_worker_restart_mid_event_opens_once_and_closes_once(
 
 def test_worker_uses_calibrated_threshold(kafka_settings: KafkaSettings, redis_settings: RedisSettings,
                                          redis_client: redis.Redis,
-                                         start_worker: Callable[..., WorkerThread]) -> None:
+                                         start_worker: Callable[..., Background]) -> None:
     settings = make_settings(kafka_settings, redis_settings, quiet_s=0.5)
     ThresholdStore(redis_client, redis_settings.key_prefix).set("screw", 0.8)
     create_topics(kafka_settings)
@@ -239,7 +207,7 @@ def test_worker_uses_calibrated_threshold(kafka_settings: KafkaSettings, redis_s
               + stream("cam-z", [0.85, 0.85]))
     produce(kafka_settings, scores)
 
-    start_worker(settings, idle_exit_s=2.0).join(40)
+    start_worker(settings, idle_exit_s=2.0).wait(40)
 
     events = read_events(kafka_settings)
     assert set(events) == {("cam-y", None), ("cam-z", None)}

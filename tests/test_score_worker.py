@@ -38,9 +38,9 @@ from pipeline.imaging import decode_image, decode_png, encode_jpeg, read_image
 from pipeline.redis_store import RedisPromptCache
 from schemas import FrameHeader, ScoreMessage
 from tests.engine_helpers import SMALL, backbone
-from tests.streaming_helpers import read_topic
+from tests.streaming_helpers import Background, read_topic
 from workers.capture import run_capture
-from workers.score import ScoreStats, make_prompt_cache, run_score
+from workers.score import make_prompt_cache, run_score
 
 CLASS = "ball_screw"
 WIDTH = 320  # frames are scaled to this width to keep the CPU forward short
@@ -108,51 +108,18 @@ def publish(kafka: KafkaSettings, records: list[Raw]) -> list[Any]:
         producer.close()
 
 
-class Worker:
-    """run_score in a thread; `wait` joins it (idle exit), `stop` sets the stop event and joins."""
-
-    def __init__(self, settings: Settings, engine: AnomalyEngine, idle_exit_s: float | None = None) -> None:
-        self.stop_event = threading.Event()
-        self.stats: ScoreStats | None = None
-        self.error: BaseException | None = None
-
-        def target() -> None:
-            try:
-                self.stats = run_score(settings, self.stop_event, engine=engine, idle_exit_s=idle_exit_s)
-            except BaseException as exc:  # re-raised by wait()/stop()
-                self.error = exc
-
-        self.thread = threading.Thread(target=target, name="score-worker", daemon=True)
-        self.thread.start()
-
-    def wait(self, timeout: float = JOIN_TIMEOUT_S) -> ScoreStats:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            self.stop_event.set()
-            self.thread.join(15)
-            pytest.fail("score worker did not exit in time")
-        if self.error is not None:
-            raise self.error
-        assert self.stats is not None
-        return self.stats
-
-    def stop(self) -> ScoreStats:
-        self.stop_event.set()
-        return self.wait(30)
-
-
 @pytest.fixture
-def workers() -> Iterator[Callable[..., Worker]]:
-    started: list[Worker] = []
+def workers() -> Iterator[Callable[..., Background]]:
+    started: list[Background] = []
 
-    def start(settings: Settings, engine: AnomalyEngine, idle_exit_s: float | None = None) -> Worker:
-        w = Worker(settings, engine, idle_exit_s)
+    def start(settings: Settings, engine: AnomalyEngine, idle_exit_s: float | None = None) -> Background:
+        w = Background(run_score, settings, engine=engine, idle_exit_s=idle_exit_s).start()
         started.append(w)
         return w
 
     yield start
     for w in started:  # never leave a worker polling into the next test
-        w.stop_event.set()
+        w.stop.set()
     for w in started:
         w.thread.join(30)
 
@@ -218,7 +185,7 @@ def committed(kafka: KafkaSettings, group_id: str) -> dict[int, int | None]:
 
 # -- one score per frame --------------------------------------------------------------------------
 def test_every_captured_frame_gets_exactly_one_score(kafka_settings: KafkaSettings, shared_data: Path,
-                                                     tmp_path: Path, workers: Callable[..., Worker]) -> None:
+                                                     tmp_path: Path, workers: Callable[..., Background]) -> None:
     cameras = []
     for cam, folder in (("cam-a", "good"), ("cam-b", "pitting")):
         d = tmp_path / cam
@@ -279,7 +246,7 @@ def test_every_captured_frame_gets_exactly_one_score(kafka_settings: KafkaSettin
 
 # -- micro-batching ---------------------------------------------------------------------------------
 def test_frames_of_one_class_from_many_cameras_share_a_forward(
-        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Worker]) -> None:
+        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Background]) -> None:
     # Two cameras of one class and a camera of another class, each with its own frame size so a
     # forward shows whose frames it holds: 8 frames waiting before the worker joins, max_batch=8.
     a, b, c = (320, 130), (288, 117), (256, 104)
@@ -299,7 +266,7 @@ def test_frames_of_one_class_from_many_cameras_share_a_forward(
     settings = make_settings(kafka_settings, max_batch=8, max_wait_ms=500)
     w = workers(settings, engine)
     got = read_topic(kafka_settings, "scores", 8, timeout_s=60)
-    stats = w.stop()
+    stats = w.join(30)
     assert len(got) == 8 and stats.scored == 8
     # All eight waiting frames made one micro-batch, scored as one forward per product class,
     # the ball screw forward holding the frames of both its cameras.
@@ -309,7 +276,7 @@ def test_frames_of_one_class_from_many_cameras_share_a_forward(
 
 # -- dead letters -----------------------------------------------------------------------------------
 def test_bad_records_go_to_the_dlq_and_the_worker_keeps_going(
-        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Worker]) -> None:
+        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Background]) -> None:
     good = images[0]
     noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
     big = encode_jpeg(noise, quality=95)
@@ -337,7 +304,7 @@ def test_bad_records_go_to_the_dlq_and_the_worker_keeps_going(
     # The worker is still going: a later frame is scored too.
     publish(kafka_settings, [frame_record("cam", 8, good)])
     scores = read_topic(kafka_settings, "scores", 3, timeout_s=30)
-    stats = w.stop()
+    stats = w.join(30)
 
     assert sorted(m.frame.seq for m in scores_of(scores)) == [0, 7, 8]
     assert len(dlq) == 6
@@ -360,7 +327,7 @@ def test_bad_records_go_to_the_dlq_and_the_worker_keeps_going(
 
 # -- staleness --------------------------------------------------------------------------------------
 def test_stale_live_frames_are_skipped_replays_and_unlimited_workers_score_them(
-        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Worker]) -> None:
+        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Background]) -> None:
     old = time.time() - 3600
     publish(kafka_settings,
             [frame_record("live", s, images[s], capture_ts=old) for s in range(2)]
@@ -384,14 +351,14 @@ def test_stale_live_frames_are_skipped_replays_and_unlimited_workers_score_them(
 # -- prompt cache -----------------------------------------------------------------------------------
 def test_prompt_embeddings_are_computed_once_and_shared_through_redis(
         kafka_settings: KafkaSettings, redis_settings: RedisSettings, redis_client: redis.Redis,
-        images: list[np.ndarray], workers: Callable[..., Worker], count_encode_text: list[int]) -> None:
+        images: list[np.ndarray], workers: Callable[..., Background], count_encode_text: list[int]) -> None:
     settings = make_settings(kafka_settings, redis_settings)
     publish(kafka_settings, [frame_record("cam", 0, images[0])])
     first_cache = make_prompt_cache(settings)
     assert isinstance(first_cache, RedisPromptCache)
     w = workers(settings, make_engine(first_cache))
     read_topic(kafka_settings, "scores", 1, timeout_s=60)
-    w.stop()
+    w.join(30)
     assert count_encode_text and first_cache.computed == 1  # the first worker did encode the prompts
 
     keys = [k.decode() for k in redis_client.scan_iter(f"{redis_settings.key_prefix}:prompts:*")]
@@ -406,13 +373,13 @@ def test_prompt_embeddings_are_computed_once_and_shared_through_redis(
     publish(kafka_settings, [frame_record("cam", 1, images[1])])
     w = workers(settings, make_engine(second_cache))
     msgs = scores_of(read_topic(kafka_settings, "scores", 2, timeout_s=60))
-    w.stop()
+    w.join(30)
     assert sorted(m.frame.seq for m in msgs) == [0, 1]
     assert count_encode_text == [] and second_cache.computed == 0
 
 
 def test_scoring_goes_on_when_redis_is_unreachable(
-        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Worker],
+        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Background],
         capfd: pytest.CaptureFixture[str]) -> None:
     down = RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", socket_timeout_s=0.2)
     settings = make_settings(kafka_settings, down)
@@ -421,7 +388,7 @@ def test_scoring_goes_on_when_redis_is_unreachable(
     publish(kafka_settings, [frame_record("cam", s, images[s]) for s in range(2)])
     w = workers(settings, make_engine(cache))
     msgs = scores_of(read_topic(kafka_settings, "scores", 2, timeout_s=60))
-    stats = w.stop()
+    stats = w.join(30)
     assert sorted(m.frame.seq for m in msgs) == [0, 1] and stats.scored == 2
     assert cache.computed == 1  # computed locally once, then served from the process tier
     out, err = capfd.readouterr()
@@ -430,7 +397,7 @@ def test_scoring_goes_on_when_redis_is_unreachable(
 
 # -- offsets ----------------------------------------------------------------------------------------
 def test_offsets_are_committed_only_after_the_scores_are_acked(
-        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Worker]) -> None:
+        kafka_settings: KafkaSettings, images: list[np.ndarray], workers: Callable[..., Background]) -> None:
     metas = publish(kafka_settings, [frame_record(f"cam-{c}", s, images[s + 2 * c]) for c in range(2)
                                      for s in range(2)])
     ends: dict[int, int] = {}
@@ -449,7 +416,7 @@ def test_offsets_are_committed_only_after_the_scores_are_acked(
     settings = make_settings(kafka_settings)
     w = workers(settings, make_engine())
     read_topic(kafka_settings, "scores", 4, timeout_s=60)
-    stats = w.stop()
+    stats = w.join(30)
     assert stats.scored == 4
     assert {p: c for p, c in committed(kafka_settings, settings.scoring.group_id).items() if c} == ends
 
