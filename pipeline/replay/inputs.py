@@ -16,8 +16,9 @@ from pathlib import Path
 import cv2
 
 from pipeline import imaging
-from pipeline.capture.sources import IMAGE_SUFFIXES, INDEX_FILE, natural_key
+from pipeline.capture.sources import IMAGE_SUFFIXES, INDEX_FILE, ImageFolderSource, SourceError
 from pipeline.cli.units import parse_duration
+from pipeline.recording import iter_recording
 
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 
@@ -66,41 +67,40 @@ def _jpeg_loader(path: Path) -> Callable[[], bytes]:
     return lambda: imaging.encode_jpeg(imaging.read_image(str(path)))
 
 
-def _index_dirs(path: Path) -> list[Path]:
-    if (path / INDEX_FILE).is_file():
-        return [path]
-    return sorted((p.parent for p in path.rglob(INDEX_FILE)), key=lambda p: str(p))
+def _from_recording(root: Path, labels: Labels) -> list[ReplayFrame]:
+    """Frames of a `linewatch record` recording (root, camera folder or segment), read by its reader."""
+    return [ReplayFrame(camera_id=f.camera_id, line_id=labels.line_id or f.line_id,
+                        product_class=labels.product_class or f.product_class, seq=f.seq, capture_ts=f.capture_ts,
+                        load=f.path.read_bytes, width=f.width, height=f.height)
+            for f in iter_recording(root, labels.camera_id)]
 
 
-def _read_index(folder: Path, labels: Labels) -> list[ReplayFrame]:
-    frames: list[ReplayFrame] = []
-    for lineno, line in enumerate((folder / INDEX_FILE).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            # A recorded camera id wins: --camera-id then selects among a recording's cameras.
-            camera = rec.get("camera_id") or labels.camera_id or folder.name
-            product_class = labels.product_class or rec.get("product_class")
-            if not product_class:
-                raise ValueError(f"{folder / INDEX_FILE} records no product class; give --class")
-            frames.append(ReplayFrame(
-                camera_id=str(camera), line_id=str(labels.line_id or rec.get("line_id") or "replay"),
-                product_class=str(product_class), seq=int(rec.get("seq", len(frames))),
-                capture_ts=float(rec["capture_ts"]), load=_jpeg_loader(folder / str(rec["file"])),
-                width=rec.get("width"), height=rec.get("height"),
-            ))
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{folder / INDEX_FILE}:{lineno}: bad index record ({exc!r})") from None
-    return frames
-
-
-def _plain_folder(path: Path, labels: Labels, fps: float | None) -> list[ReplayFrame]:
-    files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: natural_key(p.name))
+def _from_folder(root: Path, labels: Labels, fps: float | None) -> list[ReplayFrame]:
+    """An image folder as the capture worker reads it: its ``index.jsonl`` (file + capture_ts) when
+    present, else natural name order spaced ``1/fps`` apart (0 without fps)."""
+    try:
+        entries = ImageFolderSource(root).entries
+    except SourceError as exc:
+        raise ValueError(str(exc)) from None
     step = 1.0 / fps if fps else 0.0
-    return [ReplayFrame(_camera(labels, path), labels.line_id or "replay", _class(labels, path), i, i * step,
-                        _jpeg_loader(p)) for i, p in enumerate(files)]
+    camera, product_class = labels.camera_id or root.name, _class(labels, root)
+    return [ReplayFrame(camera, labels.line_id or "replay", product_class, i,
+                        e.capture_ts if e.capture_ts is not None else i * step, _jpeg_loader(e.path))
+            for i, e in enumerate(entries)]
+
+
+def _is_recording(root: Path) -> bool:
+    """A segment of `linewatch record` has an index whose lines name their camera; a recording root
+    or camera folder holds folders only. Anything else is an image folder."""
+    index = root / INDEX_FILE
+    if not index.is_file():
+        return not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+    with index.open(encoding="utf-8") as fh:
+        first = next((line for line in fh if line.strip()), "")
+    try:
+        return "camera_id" in json.loads(first)
+    except (ValueError, TypeError):
+        return False
 
 
 def _camera(labels: Labels, path: Path) -> str:
@@ -138,6 +138,8 @@ def _video(path: Path, labels: Labels) -> Iterator[ReplayFrame]:
 class ReplayInput:
     frames: Iterable[ReplayFrame]  # capture-time order; lazy for video files
     total: int | None  # for progress display; None when unknown
+    # Whether a frame's loader reads it again from disk; a video's loaders hold the encoded bytes.
+    reloadable: bool = True
 
 
 def _video_length(path: Path) -> int | None:
@@ -174,13 +176,10 @@ def open_input(path: str | Path, labels: Labels, fps: float | None = None, t_fro
     """
     root = Path(path).expanduser()
     if root.is_file():
-        return ReplayInput(_in_range(_video(root, labels), t_from, t_to), _video_length(root))
+        return ReplayInput(_in_range(_video(root, labels), t_from, t_to), _video_length(root), reloadable=False)
     if not root.is_dir():
         raise FileNotFoundError(f"nothing to replay at {root}")
-    dirs = _index_dirs(root)
-    frames = [f for d in dirs for f in _read_index(d, labels)] if dirs else _plain_folder(root, labels, fps)
-    if labels.camera_id:
-        frames = [f for f in frames if f.camera_id == labels.camera_id]
+    frames = _from_recording(root, labels) if _is_recording(root) else _from_folder(root, labels, fps)
     frames.sort(key=lambda f: (f.capture_ts, f.camera_id, f.seq))
     frames = list(_in_range(frames, t_from, t_to))
     if not frames:

@@ -57,7 +57,9 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
     producer = make_producer(settings.kafka)
     published = Published()
     publisher = threading.Thread(target=publish_frames, name="replay-publish", daemon=True,
-                                 args=(source, producer, settings.kafka, session, speed, stop, published))
+                                 args=(source, producer, settings.kafka, session, speed, stop, published),
+                                 # A video's loaders hold every frame's bytes: keep none of them.
+                                 kwargs={"keep_loaders": source.reloadable})
     log.info("replay_started", session=session, source=source_desc, speed=speed, alerts=alerts)
     publisher.start()
     bar = tqdm(total=source.total, unit="frame", desc=session, disable=not progress, file=sys.stderr)
