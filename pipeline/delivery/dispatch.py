@@ -101,7 +101,7 @@ class Lane:
         if sub.rate_limit_s is not None:
             rate = d.ledger.rate(sub.id, event.camera_id)
             if rate.last is not None and at - rate.last < sub.rate_limit_s:
-                d.ledger.record_coalesced(sub.id, event.camera_id, did)
+                d.ledger.record_coalesced(sub.id, event.camera_id, did, rate)
                 DELIVERIES.labels(channel=kind, outcome="coalesced").inc()
                 return True
             coalesced = rate.coalesced

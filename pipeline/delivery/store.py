@@ -106,8 +106,8 @@ class DeliveryLedger:
         return sorted(entries, key=lambda d: d.failed_at)
 
     # -- transitions: each is one MULTI so a crash never leaves half of it --------------------
-    def record_coalesced(self, sub_id: str, camera_id: str, delivery_id: str) -> None:
-        state = self.rate(sub_id, camera_id)
+    def record_coalesced(self, sub_id: str, camera_id: str, delivery_id: str, state: RateState) -> None:
+        """Hold a message back; ``state`` is the camera's rate state the decision was made on."""
         pipe = self._client.pipeline(transaction=True)
         pipe.hset(self._rate_key(sub_id), camera_id,
                   json.dumps({"last": state.last, "coalesced": state.coalesced + 1}))
