@@ -25,14 +25,13 @@ from pipeline.bus import (
     send_dead_letter,
 )
 from pipeline.config import Settings
-from pipeline.delivery.channels import KafkaSender, RedisStreamSender, Sender, WebhookSender
+from pipeline.delivery.channels import SenderFactory
 from pipeline.delivery.dispatch import Dispatcher
 from pipeline.delivery.store import DeliveryLedger, ReplayAlerts, SubscriptionStore
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.redis_store import connect
 from schemas.events import DefectEvent
-from schemas.subscriptions import KafkaChannel, RedisStreamChannel, Subscription, WebhookChannel
 
 log = get_logger(__name__)
 
@@ -45,33 +44,6 @@ class DeliverStats:
     invalid: int = 0
     fanned_out: int = 0
     commits: int = 0
-
-
-class SenderFactory:
-    """Builds a sender per subscription; the Kafka producer is shared and made on first need."""
-
-    def __init__(self, settings: Settings, redis_client: object) -> None:
-        self._settings = settings
-        self._redis = redis_client
-        self._producer: KafkaProducer | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self, sub: Subscription) -> Sender:
-        channel = sub.channel
-        if isinstance(channel, WebhookChannel):
-            return WebhookSender(channel, self._settings.deliver.allow_private_networks)
-        if isinstance(channel, KafkaChannel):
-            with self._lock:
-                if self._producer is None:
-                    self._producer = make_producer(self._settings.kafka)
-            return KafkaSender(channel, self._producer)
-        if isinstance(channel, RedisStreamChannel):
-            return RedisStreamSender(channel, self._redis)  # type: ignore[arg-type]
-        raise TypeError(f"unknown channel {channel!r}")
-
-    def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close(timeout=5)
 
 
 def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | None = None,

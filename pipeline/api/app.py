@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import secrets
 import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -41,13 +40,20 @@ from pipeline.api.store import (
     render_overlay,
 )
 from pipeline.config import Settings
-from pipeline.delivery.manage import check_subscription, redrive, send_test
+from pipeline.delivery.channels import SenderFactory
+from pipeline.delivery.manage import (
+    check_subscription,
+    dead_letter_rows,
+    redrive,
+    send_test,
+    subscription_rows,
+    with_webhook_secret,
+)
 from pipeline.delivery.store import DeliveryLedger, SubscriptionStore
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
 from schemas.frames import CAMERA_ID_PATTERN
 from schemas.subscriptions import SUBSCRIPTION_ID_PATTERN, Subscription
-from workers.deliver import SenderFactory
 
 log = get_logger(__name__)
 
@@ -251,8 +257,7 @@ def create_app(settings: Settings, ingest: Ingest | None = None, heartbeat_s: fl
 
     @api.get("/subscriptions")
     def subscriptions() -> list[dict[str, Any]]:
-        return [{**s.public(), "dead_letters": len(ctx.ledger.dead(s.id)),
-                 "pending_coalesced": ctx.ledger.pending_coalesced(s.id)} for s in ctx.subs.all().values()]
+        return subscription_rows(ctx.subs, ctx.ledger)
 
     @api.post("/subscriptions", status_code=201)
     def add_subscription(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
@@ -278,9 +283,10 @@ def create_app(settings: Settings, ingest: Ingest | None = None, heartbeat_s: fl
         return Response(status_code=204)
 
     def sender_for(sub: Subscription) -> Any:
-        if sub.channel.type == "kafka" and not settings.kafka.bootstrap_servers:
-            raise HTTPException(409, "this subscription delivers to Kafka, and no Kafka is configured")
-        return ctx.senders(sub)
+        try:
+            return ctx.senders(sub)
+        except ValueError as exc:  # its channel cannot be reached as configured (no Kafka)
+            raise HTTPException(409, str(exc)) from None
 
     @api.post("/subscriptions/{sub_id}/test")
     def test_subscription(sub_id: SubId) -> dict[str, Any]:
@@ -295,9 +301,7 @@ def create_app(settings: Settings, ingest: Ingest | None = None, heartbeat_s: fl
     @api.get("/subscriptions/{sub_id}/dead-letters")
     def dead_letters(sub_id: SubId) -> list[dict[str, Any]]:
         get_sub(sub_id)
-        return [d.model_dump(mode="json", exclude={"event"}) | {"camera_id": d.event.get("camera_id"),
-                                                                "event_id": d.event.get("event_id")}
-                for d in ctx.ledger.dead(sub_id)]
+        return dead_letter_rows(ctx.ledger, sub_id)
 
     @api.post("/subscriptions/{sub_id}/redrive")
     def redrive_subscription(sub_id: SubId, body: Annotated[RedriveRequest | None, Body()] = None) -> dict[str, Any]:
@@ -332,11 +336,7 @@ def create_app(settings: Settings, ingest: Ingest | None = None, heartbeat_s: fl
 
 def parse_subscription(body: dict[str, Any]) -> tuple[Subscription, str | None]:
     """Validate a subscription body; a webhook without a secret gets a generated one (returned once)."""
-    generated = None
-    channel = body.get("channel")
-    if isinstance(channel, dict) and channel.get("type", "webhook") == "webhook" and not channel.get("secret"):
-        generated = secrets.token_urlsafe(32)
-        body = {**body, "channel": {**channel, "secret": generated}}
+    body, generated = with_webhook_secret(body)
     try:
         return Subscription.model_validate(body), generated
     except ValidationError as exc:

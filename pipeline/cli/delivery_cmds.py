@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,9 +43,9 @@ def cmd_deliver(args: argparse.Namespace) -> int:
 
 # -- subscriptions ------------------------------------------------------------------------------
 def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
+    from pipeline.delivery.manage import with_webhook_secret
     from schemas.subscriptions import Subscription
 
-    generated = None
     if args.from_file:
         path = Path(args.from_file)
         data = yaml.safe_load(path.read_text())
@@ -59,8 +58,7 @@ def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
             raise CommandError("give exactly one channel: --webhook URL, --kafka-topic TOPIC or --redis-stream KEY")
         channel: dict[str, Any]
         if args.webhook:
-            generated = None if args.secret else secrets.token_urlsafe(32)
-            channel = {"type": "webhook", "url": args.webhook, "secret": args.secret or generated,
+            channel = {"type": "webhook", "url": args.webhook, "secret": args.secret,
                        "media": args.media or "base64", "timeout_s": args.timeout, "max_attempts": args.attempts}
         elif args.kafka_topic:
             channel = {"type": "kafka", "topic": args.kafka_topic, "media": args.media or "base64"}
@@ -73,6 +71,7 @@ def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
             filters["statuses"] = args.status
         data = {"id": args.id, "filters": filters, "channel": channel,
                 "rate_limit_s": parse_duration(args.rate_limit) if args.rate_limit else None}
+    data, generated = with_webhook_secret(data)
     try:
         return Subscription.model_validate(data), generated
     except ValidationError as exc:
@@ -112,12 +111,12 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from pipeline.delivery.manage import subscription_rows
+
     settings = _settings(args)
     client, store, ledger = _stores(settings)
     try:
-        subs = store.all()
-        rows = [{**s.public(), "dead_letters": len(ledger.dead(s.id)),
-                 "pending_coalesced": ledger.pending_coalesced(s.id)} for s in subs.values()]
+        rows = subscription_rows(store, ledger)
     finally:
         client.close()
     if args.json:
@@ -151,14 +150,12 @@ def cmd_remove(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _subscription_sender(settings: Settings, sub_id: str) -> Iterator[tuple[Any, Any, Any]]:
     """(subscription, its sender, the ledger) for one command; everything closed afterwards."""
-    from workers.deliver import SenderFactory
+    from pipeline.delivery.channels import SenderFactory
 
     client, store, ledger = _stores(settings)
     factory = None
     try:
         sub = _get(store, sub_id)
-        if sub.channel.type == "kafka" and not settings.kafka.bootstrap_servers:
-            raise CommandError("this subscription delivers to Kafka: configure LINEWATCH_KAFKA__BOOTSTRAP_SERVERS")
         factory = SenderFactory(settings, client)
         sender = factory(sub)
         try:
@@ -185,21 +182,22 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from pipeline.delivery.manage import dead_letter_rows
+
     settings = _settings(args)
     client, store, ledger = _stores(settings)
     try:
         _get(store, args.id)
-        dead = ledger.dead(args.id)
+        rows = dead_letter_rows(ledger, args.id)
     finally:
         client.close()
     if args.json:
-        _out(json.dumps([d.model_dump(mode="json", exclude={"event"}) | {"camera_id": d.event.get("camera_id")}
-                         for d in dead], indent=2))
+        _out(json.dumps(rows, indent=2))
         return 0
-    if not dead:
+    if not rows:
         _out(f"no dead letters for {args.id}")
-    for d in dead:
-        _out(f"{d.delivery_id}  camera={d.event.get('camera_id')}  attempts={d.attempts}  error={d.error}")
+    for row in rows:
+        _out(f"{row['delivery_id']}  camera={row['camera_id']}  attempts={row['attempts']}  error={row['error']}")
     return 0
 
 

@@ -7,15 +7,18 @@ remaining attempts because repeating the same request cannot succeed.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Protocol
 
 import httpx
 import redis
 from kafka import KafkaProducer
 
+from pipeline.bus import make_producer
+from pipeline.config import Settings
 from pipeline.delivery.signing import SIGNATURE_HEADER, sign
 from pipeline.delivery.urls import WebhookURLError, validate_webhook_url
-from schemas.subscriptions import KafkaChannel, Notification, RedisStreamChannel, WebhookChannel
+from schemas.subscriptions import KafkaChannel, Notification, RedisStreamChannel, Subscription, WebhookChannel
 
 USER_AGENT = "linewatch-deliver/1"
 # Worth another attempt: timeouts, throttling, server trouble.
@@ -129,3 +132,31 @@ class RedisStreamSender:
 
     def close(self) -> None:
         """The client is shared and closed by its owner."""
+
+
+class SenderFactory:
+    """Builds the sender of a subscription's channel; one Kafka producer is shared, made on first need."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis) -> None:
+        self._settings = settings
+        self._redis = redis_client
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, sub: Subscription) -> Sender:
+        channel = sub.channel
+        if isinstance(channel, WebhookChannel):
+            return WebhookSender(channel, self._settings.deliver.allow_private_networks)
+        if isinstance(channel, KafkaChannel):
+            if not self._settings.kafka.bootstrap_servers:
+                raise ValueError(f"subscription {sub.id!r} delivers to Kafka topic {channel.topic!r}, and no Kafka "
+                                 "is configured (LINEWATCH_KAFKA__BOOTSTRAP_SERVERS)")
+            with self._lock:
+                if self._producer is None:
+                    self._producer = make_producer(self._settings.kafka)
+            return KafkaSender(channel, self._producer)
+        return RedisStreamSender(channel, self._redis)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=5)

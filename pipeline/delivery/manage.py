@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,28 @@ def check_subscription(sub: Subscription, settings: Settings) -> None:
         validate_webhook_url(sub.channel.url, settings.deliver.allow_private_networks)
     if sub.channel.media == "url" and not settings.deliver.public_base_url:
         raise ValueError("media 'url' needs deliver.public_base_url (where `linewatch api` is reachable)")
+
+
+def with_webhook_secret(data: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A subscription body whose webhook has no secret gets a generated one, returned once for the user."""
+    channel = data.get("channel")
+    if not isinstance(channel, dict) or channel.get("type", "webhook") != "webhook" or channel.get("secret"):
+        return data, None
+    generated = secrets.token_urlsafe(32)
+    return {**data, "channel": {**channel, "secret": generated}}, generated
+
+
+def subscription_rows(store: SubscriptionStore, ledger: DeliveryLedger) -> list[dict[str, Any]]:
+    """Every subscription as shown to users (secret masked), with its dead letters and held-back count."""
+    return [{**s.public(), "dead_letters": len(ledger.dead(s.id)), "pending_coalesced": ledger.pending_coalesced(s.id)}
+            for s in store.all().values()]
+
+
+def dead_letter_rows(ledger: DeliveryLedger, sub_id: str) -> list[dict[str, Any]]:
+    """A subscription's dead letters without the stored event body, oldest first."""
+    return [d.model_dump(mode="json", exclude={"event"}) | {"camera_id": d.event.get("camera_id"),
+                                                            "event_id": d.event.get("event_id")}
+            for d in ledger.dead(sub_id)]
 
 
 def add_subscription(store: SubscriptionStore, sub: Subscription, settings: Settings) -> None:
