@@ -46,6 +46,7 @@ def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
     from pipeline.delivery.manage import with_webhook_secret
     from schemas.subscriptions import Subscription
 
+    generated = None
     if args.from_file:
         path = Path(args.from_file)
         data = yaml.safe_load(path.read_text())
@@ -69,9 +70,9 @@ def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
                                    "min_area": args.min_area}
         if args.status:
             filters["statuses"] = args.status
-        data = {"id": args.id, "filters": filters, "channel": channel,
-                "rate_limit_s": parse_duration(args.rate_limit) if args.rate_limit else None}
-    data, generated = with_webhook_secret(data)
+        data, generated = with_webhook_secret({"id": args.id, "filters": filters, "channel": channel,
+                                               "rate_limit_s": parse_duration(args.rate_limit) if args.rate_limit
+                                               else None})
     try:
         return Subscription.model_validate(data), generated
     except ValidationError as exc:
