@@ -136,13 +136,15 @@ def lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return out
 
 
-def close_clients(consumer: KafkaConsumer, producer: KafkaProducer, worker: str) -> None:
+def close_clients(consumer: KafkaConsumer, producer: KafkaProducer | None, worker: str) -> None:
     """Close a worker's consumer (without committing) and producer; failures are logged, not raised,
     because closing must not hide the error that ended the worker."""
     try:
         consumer.close(autocommit=False)
     except Exception as exc:
         log.warning("consumer_close_failed", worker=worker, error=repr(exc))
+    if producer is None:
+        return
     try:
         producer.close(timeout=5)
     except Exception as exc:

@@ -22,7 +22,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from pipeline.api.store import CameraStore, EventStore, publish_live, render_latest
-from pipeline.bus import commit_offsets, create_topics, make_consumer, next_offsets, topic_name
+from pipeline.bus import close_clients, commit_offsets, create_topics, make_consumer, next_offsets, topic_name
 from pipeline.config import Settings
 from pipeline.logging import get_logger
 from pipeline.redis_store import connect
@@ -104,7 +104,7 @@ class Ingest:
                     self._log.warning("api_ingest_kafka_error", topic="defects", error=repr(exc))
                     stop.wait(RETRY_S)
         finally:
-            _close(consumer)
+            close_clients(consumer, None, "api-ingest")
 
     def _scores_loop(self, stop: threading.Event, cameras: CameraStore) -> None:
         topic = topic_name(self.settings.kafka, "scores")
@@ -126,7 +126,7 @@ class Ingest:
             self._log.error("api_ingest_scores_failed", error=repr(exc))
         finally:
             if consumer is not None:
-                _close(consumer)
+                close_clients(consumer, None, "api-ingest")
 
     # -- defects -------------------------------------------------------------------------------
     def _defects(self, consumer: KafkaConsumer, events: EventStore, client: redis.Redis,
@@ -210,13 +210,6 @@ class Ingest:
             return
         self.stats.frames += 1
         API_RECORDS.labels(topic="scores", outcome="stored").inc()
-
-
-def _close(consumer: KafkaConsumer) -> None:
-    try:
-        consumer.close(autocommit=False)
-    except Exception as exc:  # closing must not hide the error that got us here
-        log.warning("api_ingest_close_failed", error=repr(exc))
 
 
 def _key(rec: ConsumerRecord) -> str:
