@@ -6,8 +6,9 @@ import os
 import re
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -32,6 +33,26 @@ def _restore_signal_handlers() -> Iterator[None]:
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+@pytest.fixture
+def start_background() -> Iterator[Callable[..., Any]]:
+    """Start worker functions in threads (``tests.streaming_helpers.Background``); any still running
+    are stopped after the test, so no worker polls into the next one."""
+    from tests.streaming_helpers import Background
+
+    started: list[Background] = []
+
+    def start(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Background:
+        worker = Background(fn, *args, **kwargs).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop.set()
+    for worker in started:
+        worker.thread.join(30)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,19 +96,11 @@ def summary(evs: list[DefectEvent]) -> list[tuple[str, int, int, int, int]]:
 
 
 @pytest.fixture
-def start_worker() -> Iterator[Callable[..., Background]]:
-    started: list[Background] = []
-
+def start_worker(start_background: Callable[..., Background]) -> Callable[..., Background]:
     def start(settings: Settings, idle_exit_s: float | None = None) -> Background:
-        w = Background(run_alert, settings, idle_exit_s=idle_exit_s, poll_timeout_ms=100).start()
-        started.append(w)
-        return w
+        return start_background(run_alert, settings, idle_exit_s=idle_exit_s, poll_timeout_ms=100)
 
-    yield start
-    for w in started:  # never leave a worker polling into the next test
-        w.stop.set()
-    for w in started:
-        w.thread.join(15)
+    return start
 
 
 def make_settings(kafka: KafkaSettings, redis_settings: RedisSettings, **alert: object) -> Settings:

@@ -324,11 +324,16 @@ def test_defect_events_follow_the_scores_through_the_broker(
 
 
 # -- `linewatch run` ---------------------------------------------------------------------------------
+def write_stream(images: Path, folder: Path, count: int, size: tuple[int, int]) -> Path:
+    """The first ``count`` images of a folder, resized, as a recorded stream f00.jpg, f01.jpg, ..."""
+    folder.mkdir()
+    for i, p in enumerate(sorted(images.glob("*.jpg"))[:count]):
+        cv2.imwrite(str(folder / f"f{i:02d}.jpg"), cv2.resize(cv2.imread(str(p)), size))
+    return folder
+
+
 def test_linewatch_run_replays_a_folder_on_embedded_infrastructure(shared_data: Path, tmp_path: Path) -> None:
-    stream = tmp_path / "stream"
-    stream.mkdir()
-    for i, p in enumerate(sorted((shared_data / "test" / "pitting").glob("*.jpg"))[:6]):
-        cv2.imwrite(str(stream / f"f{i:02d}.jpg"), cv2.resize(cv2.imread(str(p)), (320, 130)))
+    stream = write_stream(shared_data / "test" / "pitting", tmp_path / "stream", 6, (320, 130))
     cfg = tmp_path / "site.yaml"
     cfg.write_text(
         "engine: {backbone: ViT-S-32, pretrained: random, precision: fp32}\n"
@@ -351,10 +356,7 @@ def test_linewatch_run_replays_a_folder_on_embedded_infrastructure(shared_data: 
 
 
 def test_linewatch_run_stops_cleanly_on_ctrl_c(shared_data: Path, tmp_path: Path) -> None:
-    stream = tmp_path / "stream"
-    stream.mkdir()
-    for i, p in enumerate(sorted((shared_data / "test" / "good").glob("*.jpg"))[:2]):
-        cv2.imwrite(str(stream / f"f{i:02d}.jpg"), cv2.resize(cv2.imread(str(p)), (160, 64)))
+    stream = write_stream(shared_data / "test" / "good", tmp_path / "stream", 2, (160, 64))
     cfg = tmp_path / "site.yaml"
     # A looping source never ends: only Ctrl-C stops this site.
     cfg.write_text("engine: {backbone: ViT-S-32, pretrained: random, precision: fp32}\n"

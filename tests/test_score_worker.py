@@ -109,19 +109,11 @@ def publish(kafka: KafkaSettings, records: list[Raw]) -> list[Any]:
 
 
 @pytest.fixture
-def workers() -> Iterator[Callable[..., Background]]:
-    started: list[Background] = []
-
+def workers(start_background: Callable[..., Background]) -> Callable[..., Background]:
     def start(settings: Settings, engine: AnomalyEngine, idle_exit_s: float | None = None) -> Background:
-        w = Background(run_score, settings, engine=engine, idle_exit_s=idle_exit_s).start()
-        started.append(w)
-        return w
+        return start_background(run_score, settings, engine=engine, idle_exit_s=idle_exit_s)
 
-    yield start
-    for w in started:  # never leave a worker polling into the next test
-        w.stop.set()
-    for w in started:
-        w.thread.join(30)
+    return start
 
 
 @pytest.fixture
