@@ -79,13 +79,18 @@ def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
         raise CommandError(f"invalid subscription: {exc}") from None
 
 
-def _stores(settings: Settings) -> tuple[Any, Any, Any]:
+@contextlib.contextmanager
+def _stores(settings: Settings) -> Iterator[tuple[Any, Any, Any]]:
+    """(Redis client, subscription store, delivery ledger) for one command; the client closes after."""
     from pipeline.delivery.store import DeliveryLedger, SubscriptionStore
     from pipeline.redis_store import connect
 
     client = connect(settings.redis)
     prefix = settings.redis.key_prefix
-    return client, SubscriptionStore(client, prefix), DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s)
+    try:
+        yield client, SubscriptionStore(client, prefix), DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s)
+    finally:
+        client.close()
 
 
 def _get(store: Any, sub_id: str) -> Any:
@@ -100,11 +105,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     sub, generated = _subscription_from_args(args)
-    client, store, _ = _stores(settings)
-    try:
+    with _stores(settings) as (_, store, _):
         add_subscription(store, sub, settings)
-    finally:
-        client.close()
     _out(f"added subscription {sub.id} ({sub.channel.type})")
     if generated:
         _out(f"signing secret (shown once, keep it with the receiver): {generated}")
@@ -115,11 +117,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from pipeline.delivery.manage import subscription_rows
 
     settings = _settings(args)
-    client, store, ledger = _stores(settings)
-    try:
+    with _stores(settings) as (_, store, ledger):
         rows = subscription_rows(store, ledger)
-    finally:
-        client.close()
     if args.json:
         _out(json.dumps(rows, indent=2))
         return 0
@@ -137,13 +136,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    client, store, ledger = _stores(settings)
-    try:
+    with _stores(settings) as (_, store, ledger):
         if not store.remove(args.id):
             raise CommandError(f"no subscription {args.id!r}")
         ledger.forget(args.id)
-    finally:
-        client.close()
     _out(f"removed subscription {args.id}")
     return 0
 
@@ -153,20 +149,17 @@ def _subscription_sender(settings: Settings, sub_id: str) -> Iterator[tuple[Any,
     """(subscription, its sender, the ledger) for one command; everything closed afterwards."""
     from pipeline.delivery.channels import SenderFactory
 
-    client, store, ledger = _stores(settings)
-    factory = None
-    try:
+    with _stores(settings) as (client, store, ledger):
         sub = _get(store, sub_id)
         factory = SenderFactory(settings, client)
-        sender = factory(sub)
         try:
-            yield sub, sender, ledger
+            sender = factory(sub)
+            try:
+                yield sub, sender, ledger
+            finally:
+                sender.close()
         finally:
-            sender.close()
-    finally:
-        if factory is not None:
             factory.close()
-        client.close()
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -186,12 +179,9 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     from pipeline.delivery.manage import dead_letter_rows
 
     settings = _settings(args)
-    client, store, ledger = _stores(settings)
-    try:
+    with _stores(settings) as (_, store, ledger):
         _get(store, args.id)
         rows = dead_letter_rows(ledger, args.id)
-    finally:
-        client.close()
     if args.json:
         _out(json.dumps(rows, indent=2))
         return 0
