@@ -294,3 +294,15 @@ def watch_dependencies(health: Health, settings: Settings, *, redis: bool = True
     health.add_check("broker", BrokerCheck(settings.kafka))
     if redis and settings.redis.url:
         health.add_check("redis", RedisCheck(settings.redis))
+
+
+def serve_metrics(port: int | None) -> Health | None:
+    """Expose /metrics (plus /healthz and /readyz) on the port; None keeps metrics in-process only.
+
+    For callers without a worker loop; workers create a `Health` themselves to beat and add checks.
+    """
+    if port is None:
+        return None
+    health = Health()
+    health.serve(port)
+    return health

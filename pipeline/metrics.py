@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from prometheus_client import Counter, Gauge, Histogram
-
-if TYPE_CHECKING:
-    from pipeline.health import Health
 
 FRAMES_CAPTURED = Counter("linewatch_frames_captured_total", "Frames read from a source", ["camera"])
 FRAMES_DROPPED = Counter(
@@ -32,16 +27,3 @@ EVENTS_OPENED = Counter("linewatch_events_opened_total", "Defect events opened",
 DLQ_RECORDS = Counter("linewatch_dlq_total", "Records sent to the dead-letter topic", ["stage", "reason"])
 DELIVERIES = Counter("linewatch_deliveries_total", "Subscription deliveries", ["channel", "outcome"])
 
-
-def serve_metrics(port: int | None) -> Health | None:
-    """Expose /metrics (plus /healthz and /readyz) on the port; None keeps metrics in-process only.
-
-    Kept for callers without a worker loop; workers create a `Health` themselves to beat and add checks.
-    """
-    if port is None:
-        return None
-    from pipeline.health import Health  # health imports modules that import this one
-
-    health = Health()
-    health.serve(port)
-    return health

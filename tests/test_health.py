@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline.config import AlertSettings, DeliverSettings, KafkaSettings, RedisSettings, Settings
 from pipeline.embedded import EmbeddedBroker, free_port
-from pipeline.health import BrokerCheck, Health, watch_dependencies
-from pipeline.metrics import FRAMES_CAPTURED, serve_metrics
+from pipeline.health import BrokerCheck, Health, serve_metrics, watch_dependencies
+from pipeline.metrics import FRAMES_CAPTURED
 from tests.streaming_helpers import Background, site_settings
 from workers.alert import run_alert
 from workers.deliver import run_deliver
