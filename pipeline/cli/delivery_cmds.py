@@ -88,7 +88,8 @@ def _stores(settings: Settings) -> Iterator[tuple[Any, Any, Any]]:
     client = connect(settings.redis)
     prefix = settings.redis.key_prefix
     try:
-        yield client, SubscriptionStore(client, prefix), DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s)
+        ledger = DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s, settings.deliver.max_dead_letters)
+        yield client, SubscriptionStore(client, prefix), ledger
     finally:
         client.close()
 

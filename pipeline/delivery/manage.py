@@ -39,7 +39,7 @@ def with_webhook_secret(data: dict[str, Any]) -> tuple[dict[str, Any], str | Non
 
 def subscription_rows(store: SubscriptionStore, ledger: DeliveryLedger) -> list[dict[str, Any]]:
     """Every subscription as shown to users (secret masked), with its dead letters and held-back count."""
-    return [{**s.public(), "dead_letters": len(ledger.dead(s.id)), "pending_coalesced": ledger.pending_coalesced(s.id)}
+    return [{**s.public(), "dead_letters": ledger.dead_count(s.id), "pending_coalesced": ledger.pending_coalesced(s.id)}
             for s in store.all().values()]
 
 
