@@ -18,8 +18,17 @@ from pipeline.bus import make_producer
 from pipeline.config import Settings
 from pipeline.delivery import webhook_http
 from pipeline.delivery.signing import SIGNATURE_HEADER, sign
+from pipeline.delivery.store import CameraStates
 from pipeline.delivery.urls import Resolver, WebhookURLError, resolve, resolve_webhook
-from schemas.subscriptions import KafkaChannel, Notification, RedisStreamChannel, Subscription, WebhookChannel
+from schemas.subscriptions import (
+    KafkaChannel,
+    MqttChannel,
+    Notification,
+    OpcUaChannel,
+    RedisStreamChannel,
+    Subscription,
+    WebhookChannel,
+)
 
 USER_AGENT = "linewatch-deliver/1"
 # Worth another attempt: timeouts, throttling, server trouble.
@@ -168,6 +177,14 @@ class SenderFactory:
                 if self._producer is None:
                     self._producer = make_producer(self._settings.kafka)
             return KafkaSender(channel, self._producer)
+        if isinstance(channel, MqttChannel):
+            from pipeline.delivery.mqtt import MqttSender
+
+            return MqttSender(channel, sub.id, CameraStates(self._redis, self._settings.redis.key_prefix))
+        if isinstance(channel, OpcUaChannel):
+            from pipeline.delivery.opcua import OpcUaSender
+
+            return OpcUaSender(channel, sub.id, CameraStates(self._redis, self._settings.redis.key_prefix))
         return RedisStreamSender(channel, self._redis)
 
     def close(self) -> None:
