@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from asyncua import Server, ua
+from asyncua.common.callback import CallbackType
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
@@ -84,6 +85,9 @@ class OpcUaServer:
         self.prefixes = prefixes
         self.lock = threading.Lock()
         self.history: dict[str, list[tuple[float, Any]]] = {}
+        # (perf_counter, node name, value) of each external write, taken as the server applies it.
+        self.writes: list[tuple[float, str, Any]] = []
+        self.written = threading.Condition(self.lock)
         self.client_cert: Path | None = None
         self.client_key: Path | None = None
         self.server_cert: Path | None = None
@@ -120,10 +124,30 @@ class OpcUaServer:
                                              ua.Variant(initial, vtype))
                 await var.set_writable()
                 watched.append(var)
+        server.subscribe_server_callback(CallbackType.PostWrite, self._post_write)
         await server.start()
         sub = await server.create_subscription(10, _Recorder(self))
         await sub.subscribe_data_change(watched)
         self._server = server
+
+    async def _post_write(self, event: Any, dispatcher: Any) -> None:
+        now = time.perf_counter()
+        with self.written:
+            for item in event.request_params.NodesToWrite:
+                self.writes.append((now, str(item.NodeId.Identifier), item.Value.Value.Value))
+            self.written.notify_all()
+
+    def wait_write(self, name: str, value: Any, timeout: float = 30.0) -> float:
+        """perf_counter of the first write of ``value`` to ``name``, waiting for it if need be."""
+        def found() -> float | None:
+            return next((t for t, n, v in self.writes if n == name and v == value), None)
+
+        with self.written:
+            if not self.written.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no write of {value!r} to {name} within {timeout} s")
+            result = found()
+            assert result is not None
+            return result
 
     def start(self) -> OpcUaServer:
         self._loop = asyncio.new_event_loop()
