@@ -140,3 +140,25 @@ def test_sign_and_encrypt_with_certificates_and_a_password(dispatcher_for: Any, 
         assert ledger.outcome("wrong", ev.event_id) == "dead" and ledger.outcome("plain", ev.event_id) == "dead"
     logs = capfd.readouterr()
     assert password not in logs.out + logs.err
+
+
+def test_cli_add_opcua_with_node_flags(redis_settings: RedisSettings, redis_client: redis.Redis,
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LINEWATCH_REDIS__URL", redis_settings.url or "")
+    monkeypatch.setenv("LINEWATCH_REDIS__KEY_PREFIX", redis_settings.key_prefix)
+    monkeypatch.setenv("LINEWATCH_SUBSCRIPTION_PASSWORD", "from-the-env-1")
+    assert main(["subscriptions", "add", "plc", "--opcua", "opc.tcp://plc.plant:4840",
+                 "--node", 'press-1.reject=ns=3;s="DB"."Press1"."Reject"', "--node", "press-1.count=ns=3;i=42",
+                 "--line-node", "line-4.reject=ns=3;s=L4", "--pulse-ms", "250", "--username", "lw"]) == 0
+    sub = SubscriptionStore(redis_client, redis_settings.key_prefix).get("plc")
+    ch = sub.channel
+    assert ch.type == "opcua" and ch.reject_mode == "pulse" and ch.pulse_ms == 250
+    press = ch.cameras["press-1"]
+    assert press.reject == 'ns=3;s="DB"."Press1"."Reject"' and press.count == "ns=3;i=42"
+    assert ch.lines["line-4"].reject == "ns=3;s=L4" and (ch.username, ch.password) == ("lw", "from-the-env-1")
+    assert sub.filters.statuses == ["open", "closed"]
+    assert main(["subscriptions", "add", "bad", "--opcua", "opc.tcp://h:4840", "--node", "press-1.colour=x"]) == 2
+    assert "NAME.FIELD=NODEID" in capsys.readouterr().err
+    assert main(["subscriptions", "add", "bad", "--opcua", "opc.tcp://h:4840", "--node", "p.reject=x",
+                 "--security", "Basic256Sha256_Sign"]) == 2
+    assert "needs `certificate` and `private_key`" in capsys.readouterr().err
