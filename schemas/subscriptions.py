@@ -37,6 +37,7 @@ class WebhookChannel(BaseModel):
     secret: str = Field(min_length=16, description="HMAC-SHA256 key for X-Linewatch-Signature")
     # How the mask and thumbnail travel: inline base64, links to the API, or left out.
     media: Literal["base64", "url", "none"] = "base64"
+    # Deadline of one whole attempt (connect, send, answer), not of each read.
     timeout_s: float = Field(default=5.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=50)
     backoff_initial_s: float = Field(default=0.5, ge=0)
