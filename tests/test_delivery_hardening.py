@@ -6,22 +6,26 @@ among fast ones, a subscriber down for long (circuit breaker), and the dead-lett
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from pipeline.config import DeliverSettings, RedisSettings, Settings
+from pipeline.delivery import webhook_http
 from pipeline.delivery.channels import DeliveryError, SenderFactory, WebhookSender
 from pipeline.delivery.dispatch import Dispatcher
 from pipeline.delivery.payload import build_notification
 from pipeline.delivery.store import DeliveryLedger, ReplayAlerts
-from pipeline.delivery.urls import IPAddress, WebhookURLError, validate_webhook_url
+from pipeline.delivery.urls import IPAddress, Target, WebhookURLError, validate_webhook_url
 from pipeline.embedded import free_port
 from schemas.subscriptions import DeadDelivery, Subscription, WebhookChannel
 from tests.test_deliver import SECRET, event, wait_until, webhook
@@ -255,3 +259,57 @@ def test_dead_letters_are_capped_per_subscription(redis_client: redis.Redis, red
     assert ledger.dead_count("s") == 3
     assert [x.delivery_id for x in ledger.dead("s")] == ["d3", "d4", "d5"]
     assert ledger.dead_count("other") == 0
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_to_a_pinned_address_checks_the_certificate_against_the_url_host(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path, "hooks.example.test")
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    def accept() -> None:
+        while True:
+            try:
+                raw, _ = sock.accept()
+            except OSError:
+                return
+            try:
+                with server_tls.wrap_socket(raw, server_side=True) as conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+            except (OSError, ssl.SSLError):
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    try:
+        target = Target("https", "hooks.example.test", port, "/hook", ipaddress.ip_address("127.0.0.1"))
+        assert webhook_http.post(target, b"{}", {}, 5.0, 1024, tls=client_tls).status == 204
+        wrong = Target("https", "other.example.test", port, "/hook", ipaddress.ip_address("127.0.0.1"))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            webhook_http.post(wrong, b"{}", {}, 5.0, 1024, tls=client_tls)
+    finally:
+        sock.close()
