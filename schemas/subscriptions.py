@@ -62,6 +62,27 @@ class RedisStreamChannel(BaseModel):
     media: Literal["base64", "url", "none"] = "none"
 
 
+def _credentials_out_of_url(data: Any, field: str) -> Any:
+    """Move ``user:password@`` out of a URL into ``username``/``password``, so they are never shown or logged."""
+    if not isinstance(data, dict) or not isinstance(data.get(field), str):
+        return data
+    parts = urlsplit(data[field])
+    if parts.username is None and parts.password is None:
+        return data
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    try:
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return data  # a bad port: the field's own check says so
+    out = {**data, field: urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))}
+    out.setdefault("username", unquote(parts.username or "") or None)
+    if parts.password is not None:
+        out.setdefault("password", unquote(parts.password))
+    return out
+
+
 MQTT_TOPIC_FIELDS = frozenset({"line", "camera", "product_class", "status"})
 # The retained state is per camera: its topic cannot depend on one event's class or status.
 MQTT_STATE_FIELDS = frozenset({"line", "camera"})
@@ -119,20 +140,7 @@ class MqttChannel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _credentials_out_of_url(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
-            return data
-        parts = urlsplit(data["url"])
-        if parts.username is None and parts.password is None:
-            return data
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        out = {**data, "url": urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))}
-        out.setdefault("username", unquote(parts.username or "") or None)
-        if parts.password is not None:
-            out.setdefault("password", unquote(parts.password))
-        return out
+        return _credentials_out_of_url(data, "url")
 
     @model_validator(mode="after")
     def _check(self) -> MqttChannel:
@@ -211,6 +219,11 @@ class OpcUaChannel(BaseModel):
     backoff_initial_s: float = Field(default=0.5, ge=0)
     backoff_max_s: float = Field(default=30.0, ge=0)
     media: Literal["base64", "url", "none"] = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_out_of_endpoint(cls, data: Any) -> Any:
+        return _credentials_out_of_url(data, "endpoint")
 
     @model_validator(mode="after")
     def _check(self) -> OpcUaChannel:

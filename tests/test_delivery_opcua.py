@@ -122,12 +122,13 @@ def test_server_down_retries_dead_letters_then_redrive_delivers(dispatcher_for: 
     assert ledger.dead_count("plc") == 0
 
 
-def test_sign_and_encrypt_with_certificates_and_a_password(dispatcher_for: Any, tmp_path: Path,
-                                                           capfd: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("security", ["Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign"])
+def test_secured_with_certificates_and_a_password(security: str, dispatcher_for: Any, tmp_path: Path,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
     password = "opc-Secret-77"
     with OpcUaServer(tmp_path, secure=True, users={"linewatch": password}) as plc:
         d, ledger = dispatcher_for(circuit_failures=1000)
-        secure = {"security": "Basic256Sha256_SignAndEncrypt", "certificate": str(plc.client_cert),
+        secure = {"security": security, "certificate": str(plc.client_cert),
                   "private_key": str(plc.client_key), "server_certificate": str(plc.server_cert),
                   "username": "linewatch", "password": password}
         wrong = opcua_sub("wrong", plc.endpoint, **{**secure, "password": "not-it"}, max_attempts=1)
