@@ -13,6 +13,7 @@ from __future__ import annotations
 import getpass
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -42,7 +43,8 @@ class MqttCollector:
     """Subscribes to ``pattern`` and keeps every message; reconnects by itself."""
 
     def __init__(self, host: str, port: int, pattern: str, client_id: str | None = None, clean: bool = True,
-                 username: str | None = None, password: str | None = None, qos: int = 1) -> None:
+                 username: str | None = None, password: str | None = None, qos: int = 1,
+                 tls_ca: Path | None = None) -> None:
         self.pattern = pattern
         self.qos = qos
         self.messages: list[Message] = []
@@ -51,6 +53,8 @@ class MqttCollector:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean)
         if username:
             self._client.username_pw_set(username, password)
+        if tls_ca is not None:
+            self._client.tls_set(ca_certs=str(tls_ca))
         self._client.reconnect_delay_set(0.2, 1)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -95,13 +99,17 @@ class MqttCollector:
 class Mosquitto:
     """A Mosquitto of our own on a free (or given) port, with persistence so a restart keeps sessions."""
 
-    def __init__(self, root: Path, port: int | None = None, users: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, users: dict[str, str] | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.binary = binary
         self.port = port or free_port()
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        lines = [f"listener {self.port} 127.0.0.1", "persistence true", f"persistence_location {root}/",
+        lines = [f"listener {self.port} 127.0.0.1"]
+        if tls:  # (certificate, key) PEM; the certificate is its own CA
+            lines += [f"cafile {tls[0]}", f"certfile {tls[0]}", f"keyfile {tls[1]}"]
+        lines += ["persistence true", f"persistence_location {root}/",
                  "log_dest stderr", "autosave_interval 1",
                  # Started as root, mosquitto would switch to its own user, who cannot read a private tmp dir.
                  f"user {getpass.getuser()}"]
@@ -123,10 +131,8 @@ class Mosquitto:
                                       stderr=(self.root / "mosquitto.log").open("ab"))
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            probe = mqtt.Client(CallbackAPIVersion.VERSION2)
-            try:
-                probe.connect("127.0.0.1", self.port)
-                probe.disconnect()
+            try:  # listening is enough: a TLS or password-only broker would refuse a plain probe
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
                 return
             except OSError:
                 time.sleep(0.1)

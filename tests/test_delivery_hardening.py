@@ -6,7 +6,6 @@ among fast ones, a subscriber down for long (circuit breaker), and the dead-lett
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import socket
 import ssl
@@ -29,6 +28,7 @@ from pipeline.delivery.urls import IPAddress, Target, WebhookURLError, validate_
 from pipeline.embedded import free_port
 from schemas.subscriptions import DeadDelivery, Subscription, WebhookChannel
 from tests.test_deliver import SECRET, event, wait_until, webhook
+from tests.tls_certs import self_signed
 from tests.webhook_receiver import WebhookReceiver
 
 
@@ -261,30 +261,8 @@ def test_dead_letters_are_capped_per_subscription(redis_client: redis.Redis, red
     assert ledger.dead_count("other") == 0
 
 
-def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_https_to_a_pinned_address_checks_the_certificate_against_the_url_host(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path, "hooks.example.test")
+    cert, key = self_signed(tmp_path, "hooks.example.test")
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     sock = socket.create_server(("127.0.0.1", 0))

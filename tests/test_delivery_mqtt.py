@@ -24,6 +24,7 @@ from schemas.subscriptions import Subscription
 from tests.mqtt_peers import SHARED_BROKER, Mosquitto, MqttCollector
 from tests.streaming_helpers import Background
 from tests.test_deliver import event, publish, wait_until
+from tests.tls_certs import self_signed
 from workers.deliver import run_deliver
 
 
@@ -160,6 +161,22 @@ def test_a_broker_restart_mid_stream_loses_no_delivery(dispatcher_for: Any, tmp_
         assert ledger.dead_count("plc") == 0
     logs = capfd.readouterr()
     assert password not in logs.out + logs.err
+
+
+def test_mqtts_trusts_the_configured_ca_only(dispatcher_for: Any, tmp_path: Path, prefix: str) -> None:
+    cert, key = self_signed(tmp_path / "tls", "localhost", ip="127.0.0.1")
+    with Mosquitto(tmp_path / "broker", tls=(cert, key)) as broker, \
+            MqttCollector("127.0.0.1", broker.port, f"{prefix}/#", tls_ca=cert) as rx:
+        d, ledger = dispatcher_for(circuit_failures=1000)
+        url = f"mqtts://127.0.0.1:{broker.port}/{prefix}/{{camera}}"
+        d.set_subscriptions({"tls": mqtt_sub("tls", url, ca_file=str(cert)),
+                             "untrusted": mqtt_sub("untrusted", url, max_attempts=1, timeout_s=1.0)})
+        ev = event("cam-1", 0, 1000.0)
+        d.submit(("defects", 0), 0, ev)
+        assert [m.payload["delivery_id"] for m in rx.wait_for(lambda msgs: len(rx.events()) >= 1)
+                if "delivery_id" in m.payload] == [ev.event_id]
+        wait_until(lambda: ledger.outcome("untrusted", ev.event_id) == "dead")
+        assert ledger.outcome("tls", ev.event_id) == "delivered"
 
 
 def test_broker_down_dead_letters_then_redrive_delivers(dispatcher_for: Any, tmp_path: Path, prefix: str,
