@@ -18,9 +18,11 @@ from pipeline.cli import main
 from pipeline.config import DeliverSettings, RedisSettings, Settings
 from pipeline.delivery.channels import SenderFactory
 from pipeline.delivery.dispatch import Dispatcher
-from pipeline.delivery.store import DeliveryLedger, ReplayAlerts, SubscriptionStore
+from pipeline.delivery.mqtt import MqttSender
+from pipeline.delivery.payload import build_notification
+from pipeline.delivery.store import CameraStates, DeliveryLedger, ReplayAlerts, SubscriptionStore
 from pipeline.embedded import free_port
-from schemas.subscriptions import Subscription
+from schemas.subscriptions import MqttChannel, Subscription
 from tests.mqtt_peers import SHARED_BROKER, Mosquitto, MqttCollector
 from tests.streaming_helpers import Background
 from tests.test_deliver import event, publish, wait_until
@@ -112,7 +114,7 @@ def _clear_retained(host: str, port: int, topics: list[str]) -> None:
     client.loop_stop()
 
 
-def test_filters_rate_limit_and_stale_redrive_do_not_rewind_the_state(dispatcher_for: Any, prefix: str) -> None:
+def test_filters_and_rate_limit_apply(dispatcher_for: Any, prefix: str) -> None:
     d, ledger = dispatcher_for()
     host, port = SHARED_BROKER
     sub = Subscription.model_validate({
@@ -129,6 +131,28 @@ def test_filters_rate_limit_and_stale_redrive_do_not_rewind_the_state(dispatcher
         assert [m.payload["delivery_id"] for m in rx.events()] == [first.event_id]
         assert _state(rx.messages, f"{prefix}/p-1/state")["event_id"] == first.event_id
     _clear_retained(host, port, [f"{prefix}/p-1/state"])
+
+
+def test_a_late_old_transition_does_not_rewind_the_retained_state(redis_client: redis.Redis,
+                                                                  redis_settings: RedisSettings, prefix: str) -> None:
+    """A redriven dead letter (an old opening) arrives after the event closed: the message goes out,
+    the retained state stays "ok"."""
+    host, port = SHARED_BROKER
+    channel = mqtt_sub("late", f"mqtt://{host}:{port}/{prefix}/{{camera}}/{{status}}").channel
+    assert isinstance(channel, MqttChannel)
+    sender = MqttSender(channel, "late", CameraStates(redis_client, redis_settings.key_prefix))
+    opened, closed = event("p-1", 0, 1000.0), event("p-1", 0, 1000.0, status="closed")
+    try:
+        with MqttCollector(host, port, f"{prefix}/#") as rx:
+            sender.send(build_notification("late", closed, "none", None))
+            sender.send(build_notification("late", opened, "none", None))
+            got = rx.wait_for(lambda msgs: len(msgs) >= 4)
+            topics = [m.topic for m in got if "delivery_id" in m.payload]
+            assert topics == [f"{prefix}/p-1/closed", f"{prefix}/p-1/open"]
+            assert [m.payload["state"] for m in got if "state" in m.payload] == ["ok", "ok"]
+    finally:
+        sender.close()
+        _clear_retained(host, port, [f"{prefix}/p-1/state"])
 
 
 # -- restarts, credentials, dead letters and redrive -------------------------------------------------
