@@ -123,13 +123,15 @@ def test_filters_and_rate_limit_apply(dispatcher_for: Any, prefix: str) -> None:
     d.set_subscriptions({"line3": sub})
     first, held = event("p-1", 0, 1000.0, line="line-3"), event("p-1", 10, 1030.0, line="line-3")
     other_line = event("p-9", 0, 1000.0, line="line-4")
+    # The closing comes within the rate limit's interval too, and must go out all the same.
+    first_closed = event("p-1", 0, 1000.0, line="line-3", status="closed")
     with MqttCollector(host, port, f"{prefix}/#") as rx:
-        for i, ev in enumerate([first, other_line, held]):
+        for i, ev in enumerate([first, other_line, held, first_closed]):
             d.submit(("defects", 0), i, ev)
-        rx.wait_for(lambda msgs: len(msgs) >= 2)
+        rx.wait_for(lambda msgs: len(msgs) >= 4)
         wait_until(lambda: ledger.outcome("line3", held.event_id) == "coalesced")
-        assert [m.payload["delivery_id"] for m in rx.events()] == [first.event_id]
-        assert _state(rx.messages, f"{prefix}/p-1/state")["event_id"] == first.event_id
+        assert [m.payload["delivery_id"] for m in rx.events()] == [first.event_id, f"{first.event_id}:closed"]
+        assert [m.payload["state"] for m in rx.messages if m.topic == f"{prefix}/p-1/state"] == ["defect", "ok"]
     _clear_retained(host, port, [f"{prefix}/p-1/state"])
 
 

@@ -29,7 +29,7 @@ from pipeline.delivery.store import DeliveryLedger, ReplayAlerts
 from pipeline.logging import get_logger
 from pipeline.metrics import DELIVERIES
 from schemas.events import DefectEvent
-from schemas.subscriptions import DeadDelivery, Subscription
+from schemas.subscriptions import STATEFUL_CHANNELS, DeadDelivery, Subscription
 
 log = get_logger(__name__)
 
@@ -159,7 +159,9 @@ class Lane:
             return True
         at = message_time(event)
         coalesced = 0
-        if sub.rate_limit_s is not None:
+        # A PLC channel must always see the end of a defect, or its reject signal stays set.
+        limited = sub.rate_limit_s is not None and not (kind in STATEFUL_CHANNELS and event.status == "closed")
+        if limited:
             rate = d.ledger.rate(sub.id, event.camera_id)
             if rate.last is not None and at - rate.last < sub.rate_limit_s:
                 d.ledger.record_coalesced(sub.id, event.camera_id, did, rate)
@@ -181,8 +183,7 @@ class Lane:
                       error=outcome.error)
             if outcome.circuit_open:
                 self._owed = True
-        d.ledger.record_sent(sub.id, event.camera_id, did, at if sub.rate_limit_s is not None else None, dead,
-                             owed=outcome.circuit_open)
+        d.ledger.record_sent(sub.id, event.camera_id, did, at if limited else None, dead, owed=outcome.circuit_open)
         return True
 
 
