@@ -225,7 +225,7 @@ def test_broker_down_dead_letters_then_redrive_delivers(dispatcher_for: Any, tmp
     monkeypatch.setenv("LINEWATCH_REDIS__KEY_PREFIX", redis_settings.key_prefix)
     with Mosquitto(tmp_path / "broker", port=port), MqttCollector("127.0.0.1", port, f"{prefix}/#") as rx:
         assert main(["subscriptions", "redrive", "down"]) == 0
-        got = rx.wait_for(lambda msgs: len(rx.events()) >= 2)
+        got = rx.wait_for(lambda msgs: len(msgs) >= 4)  # two events, two states
         assert [m.payload["delivery_id"] for m in rx.events()] == [events[0].event_id, f"{events[0].event_id}:closed"]
         assert _state(got, f"{prefix}/cam-1/state")["state"] == "ok"
     assert "2 delivered, 0 still failing" in capsys.readouterr().out
