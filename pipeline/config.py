@@ -138,6 +138,17 @@ class DeliverSettings(BaseModel):
     max_in_flight: int = Field(default=500, ge=1)
     # How long acknowledged deliveries are remembered, so a restarted worker does not re-send them.
     ledger_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    # Deliveries queued for one subscription; beyond it they are dead-lettered (`backlog_full`), so a
+    # slow subscriber cannot hold the global limit above and stall the others.
+    max_in_flight_per_subscription: int = Field(default=100, ge=1)
+    # Consecutive failed attempts that open a subscription's circuit: its deliveries then go to dead
+    # letters (`circuit_open`) at once, until a probe every `circuit_probe_s` gets an answer.
+    circuit_failures: int = Field(default=5, ge=1)
+    circuit_probe_s: float = Field(default=5.0, gt=0)
+    # How much of a webhook's answer is read; the rest is not.
+    max_response_bytes: int = Field(default=64 * 1024, ge=0)
+    # Dead letters kept per subscription; the oldest go beyond it.
+    max_dead_letters: int = Field(default=10_000, ge=1)
 
 
 class ApiSettings(BaseModel):

@@ -182,6 +182,8 @@ def test_down_receiver_dead_letters_then_redrive_delivers(settings: Settings, st
     events = [event("cam-1", 0, 1000.0), event("cam-1", 10, 1100.0)]
     store.add(webhook("down", url))
     publish(settings.kafka, events)
+    # The circuit breaker has its own test (test_delivery_hardening.py); here every attempt is made.
+    settings = settings.model_copy(update={"deliver": settings.deliver.model_copy(update={"circuit_failures": 100})})
     with Background(run_deliver, settings):
         wait_until(lambda: len(ledger.dead("down")) == 2)
     dead = ledger.dead("down")

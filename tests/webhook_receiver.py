@@ -30,10 +30,11 @@ class Received:
     status: int
     signature_ok: bool
     signature_error: str | None
+    host: str | None = None  # the Host header as received
 
 
 class WebhookReceiver:
-    def __init__(self, secret: str, port: int = 0, default: int = 200) -> None:
+    def __init__(self, secret: str, port: int = 0, default: int = 200, host: str = "127.0.0.1") -> None:
         self.secret = secret
         self.default = default
         self.gate: threading.Event | None = None
@@ -55,13 +56,17 @@ class WebhookReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        return f"http://{self._server.server_address[0]}:{self._server.server_address[1]}/hook"
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
 
     @property
     def accepted_keys(self) -> list[str]:
@@ -82,7 +87,7 @@ class WebhookReceiver:
         with self._lock:
             status = 401 if error else (self._script.popleft() if self._script else self.default)
             payload = json.loads(body) if body else {}
-            self.requests.append(Received(key, payload, status, error is None, error))
+            self.requests.append(Received(key, payload, status, error is None, error, handler.headers.get("Host")))
             if 200 <= status < 300 and key is not None:
                 if key in self.accepted:
                     self.duplicates += 1

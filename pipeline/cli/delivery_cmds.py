@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,22 +55,38 @@ def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
             raise CommandError(f"{path}: expected a mapping with id, filters, channel")
         data.setdefault("id", args.id)
     else:
-        channels = [c for c in (args.webhook, args.kafka_topic, args.redis_stream) if c]
+        channels = [c for c in (args.webhook, args.kafka_topic, args.redis_stream, args.mqtt, args.opcua) if c]
         if len(channels) != 1:
-            raise CommandError("give exactly one channel: --webhook URL, --kafka-topic TOPIC or --redis-stream KEY")
+            raise CommandError("give exactly one channel: --webhook URL, --kafka-topic TOPIC, --redis-stream KEY, "
+                               "--mqtt URL or --opcua ENDPOINT")
         channel: dict[str, Any]
         if args.webhook:
             channel = {"type": "webhook", "url": args.webhook, "secret": args.secret,
                        "media": args.media or "base64", "timeout_s": args.timeout, "max_attempts": args.attempts}
         elif args.kafka_topic:
             channel = {"type": "kafka", "topic": args.kafka_topic, "media": args.media or "base64"}
-        else:
+        elif args.redis_stream:
             channel = {"type": "redis_stream", "stream": args.redis_stream, "media": args.media or "none"}
+        elif args.mqtt:
+            channel = {"type": "mqtt", "url": args.mqtt, "media": args.media or "none", "qos": args.qos,
+                       "timeout_s": args.timeout, "max_attempts": args.attempts, "client_id": args.client_id,
+                       "state_topic": args.state_topic, "ca_file": args.ca_file, **_credentials(args)}
+        else:
+            channel = {"type": "opcua", "endpoint": args.opcua, "security": args.security,
+                       "certificate": args.certificate, "private_key": args.private_key,
+                       "server_certificate": args.server_certificate, "timeout_s": args.timeout,
+                       "max_attempts": args.attempts, "cameras": _node_map(args.node or [], "--node"),
+                       "lines": _node_map(args.line_node or [], "--line-node"), **_credentials(args)}
+            if args.pulse_ms:
+                channel |= {"reject_mode": "pulse", "pulse_ms": args.pulse_ms}
+        channel = {k: v for k, v in channel.items() if v is not None}
         filters: dict[str, Any] = {"lines": args.line or [], "cameras": args.camera or [],
                                    "product_classes": args.product_class or [], "min_peak_score": args.min_score,
                                    "min_area": args.min_area}
         if args.status:
             filters["statuses"] = args.status
+        elif args.mqtt or args.opcua:
+            filters["statuses"] = ["open", "closed"]  # the PLC must see the defect end, too
         data, generated = with_webhook_secret({"id": args.id, "filters": filters, "channel": channel,
                                                "rate_limit_s": parse_duration(args.rate_limit) if args.rate_limit
                                                else None})
@@ -77,6 +94,29 @@ def _subscription_from_args(args: argparse.Namespace) -> tuple[Any, str | None]:
         return Subscription.model_validate(data), generated
     except ValidationError as exc:
         raise CommandError(f"invalid subscription: {exc}") from None
+
+
+PASSWORD_ENV = "LINEWATCH_SUBSCRIPTION_PASSWORD"
+
+
+def _credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """Username and password from flags, the password also from $LINEWATCH_SUBSCRIPTION_PASSWORD
+    (kept out of the process list); a password in an MQTT URL is moved out of it by the schema."""
+    password = args.password or os.environ.get(PASSWORD_ENV) or None
+    return {"username": args.username, "password": password}
+
+
+def _node_map(specs: list[str], flag: str) -> dict[str, dict[str, str]]:
+    """``KEY.FIELD=NODEID`` flags (``press-1.reject=ns=2;s=Press1.Reject``) as {key: {field: node id}}."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        target, sep, node_id = spec.partition("=")
+        key, dot, field = target.rpartition(".")
+        if not (sep and dot and key and node_id) or field not in ("reject", "event_id", "peak_score", "count"):
+            raise CommandError(f"{flag} {spec!r}: expected NAME.FIELD=NODEID with FIELD one of reject, event_id, "
+                               "peak_score, count")
+        out.setdefault(key, {})[field] = node_id
+    return out
 
 
 @contextlib.contextmanager
@@ -88,7 +128,8 @@ def _stores(settings: Settings) -> Iterator[tuple[Any, Any, Any]]:
     client = connect(settings.redis)
     prefix = settings.redis.key_prefix
     try:
-        yield client, SubscriptionStore(client, prefix), DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s)
+        ledger = DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s, settings.deliver.max_dead_letters)
+        yield client, SubscriptionStore(client, prefix), ledger
     finally:
         client.close()
 
@@ -126,7 +167,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         _out("no subscriptions")
     for row in rows:
         ch = row["channel"]
-        target = ch.get("url") or ch.get("topic") or ch.get("stream")
+        target = ch.get("url") or ch.get("topic") or ch.get("stream") or ch.get("endpoint")
         flt = {k: v for k, v in row["filters"].items() if v not in ([], None)}
         rate = f" rate-limit={row['rate_limit_s']}s" if row["rate_limit_s"] else ""
         _out(f"{row['id']}  {ch['type']} {target}  filters={json.dumps(flt)}{rate}  "
@@ -217,10 +258,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--webhook", metavar="URL", help="POST events to this URL")
     a.add_argument("--secret", help="webhook signing secret (default: generated and printed once)")
     a.add_argument("--media", choices=["base64", "url", "none"], help="how mask and thumbnail travel")
-    a.add_argument("--timeout", type=float, default=5.0, help="webhook timeout in seconds (default 5)")
-    a.add_argument("--attempts", type=int, default=5, help="webhook attempts before dead-lettering (default 5)")
+    a.add_argument("--timeout", type=float, default=5.0,
+                   help="deadline of one webhook/MQTT/OPC UA attempt in seconds (default 5)")
+    a.add_argument("--attempts", type=int, default=5,
+                   help="webhook/MQTT/OPC UA attempts before dead-lettering (default 5)")
     a.add_argument("--kafka-topic", metavar="TOPIC", help="publish events to this Kafka topic")
     a.add_argument("--redis-stream", metavar="KEY", help="append events to this Redis stream")
+    a.add_argument("--mqtt", metavar="URL",
+                   help="publish to MQTT: mqtt[s]://[user:pass@]host[:port]/topic/{line}/{camera} "
+                        "(templates {line} {camera} {product_class} {status})")
+    a.add_argument("--qos", type=int, choices=[0, 1, 2], default=1, help="MQTT QoS (default 1)")
+    a.add_argument("--client-id", help="MQTT client id (default: linewatch-<id>-<random>)")
+    a.add_argument("--state-topic", help="MQTT retained per-camera state topic (default: <topic>/state)")
+    a.add_argument("--ca-file", help="CA bundle for mqtts://")
+    a.add_argument("--opcua", metavar="ENDPOINT", help="write OPC UA nodes: opc.tcp://host:4840")
+    a.add_argument("--node", action="append", metavar="CAMERA.FIELD=NODEID",
+                   help="OPC UA node of a camera, FIELD: reject, event_id, peak_score, count (repeatable)")
+    a.add_argument("--line-node", action="append", metavar="LINE.FIELD=NODEID",
+                   help="OPC UA node of a line, for its cameras without --node (repeatable)")
+    a.add_argument("--security", choices=["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"],
+                   default="None", help="OPC UA security policy and mode (default None)")
+    a.add_argument("--certificate", help="OPC UA client certificate (DER/PEM)")
+    a.add_argument("--private-key", help="OPC UA client private key (PEM)")
+    a.add_argument("--server-certificate", help="OPC UA server certificate to trust")
+    a.add_argument("--pulse-ms", type=int, help="OPC UA reject as a pulse of this width (default: latched)")
+    a.add_argument("--username", help="MQTT/OPC UA user name")
+    a.add_argument("--password", help=f"MQTT/OPC UA password (better: ${PASSWORD_ENV})")
     a.add_argument("--line", action="append", help="only this line (repeatable)")
     a.add_argument("--camera", action="append", help="camera id or glob, e.g. 'press-*' (repeatable)")
     a.add_argument("--class", dest="product_class", action="append", help="product class (repeatable)")

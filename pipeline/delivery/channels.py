@@ -6,19 +6,29 @@ remaining attempts because repeating the same request cannot succeed.
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 from typing import Protocol
 
-import httpx
 import redis
 from kafka import KafkaProducer
 
 from pipeline.bus import make_producer
 from pipeline.config import Settings
+from pipeline.delivery import webhook_http
 from pipeline.delivery.signing import SIGNATURE_HEADER, sign
-from pipeline.delivery.urls import WebhookURLError, validate_webhook_url
-from schemas.subscriptions import KafkaChannel, Notification, RedisStreamChannel, Subscription, WebhookChannel
+from pipeline.delivery.store import CameraStates
+from pipeline.delivery.urls import Resolver, WebhookURLError, resolve, resolve_webhook
+from schemas.subscriptions import (
+    KafkaChannel,
+    MqttChannel,
+    Notification,
+    OpcUaChannel,
+    RedisStreamChannel,
+    Subscription,
+    WebhookChannel,
+)
 
 USER_AGENT = "linewatch-deliver/1"
 # Worth another attempt: timeouts, throttling, server trouble.
@@ -38,8 +48,8 @@ class Sender(Protocol):
     def close(self) -> None: ...
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def _retry_after(headers: dict[str, str]) -> float | None:
+    value = headers.get("retry-after")
     try:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
@@ -47,42 +57,53 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class WebhookSender:
-    """HTTP POST of the notification JSON, signed, with the delivery id as Idempotency-Key."""
+    """HTTP POST of the notification JSON, signed, with the delivery id as Idempotency-Key.
 
-    def __init__(self, channel: WebhookChannel, allow_private: bool) -> None:
+    Each attempt resolves the host once, checks the addresses and connects to the checked one;
+    ``timeout_s`` bounds the whole attempt (connect, send, headers, body), and at most
+    ``max_body`` bytes of the answer are read. Redirects are not followed: one could lead past the
+    address check.
+    """
+
+    def __init__(self, channel: WebhookChannel, allow_private: bool, max_body: int = 64 * 1024,
+                 resolver: Resolver = resolve) -> None:
         self.channel = channel
         self.allow_private = allow_private
-        # No redirects: a redirect could lead past the address check to an internal host.
-        self._client = httpx.Client(timeout=channel.timeout_s, follow_redirects=False,
-                                    headers={"User-Agent": USER_AGENT})
+        self.max_body = max_body
+        self._resolver = resolver
 
     def send(self, notification: Notification) -> None:
         try:
-            validate_webhook_url(self.channel.url, self.allow_private)
+            target = resolve_webhook(self.channel.url, self.allow_private, self._resolver)
         except WebhookURLError as exc:
             raise DeliveryError(str(exc), permanent=True) from exc
         body = notification.model_dump_json().encode()
         headers = {
             "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
             SIGNATURE_HEADER: sign(self.channel.secret, body),
             "Idempotency-Key": notification.delivery_id,
             "X-Linewatch-Subscription": notification.subscription_id,
         }
         try:
-            response = self._client.post(self.channel.url, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
+            response = webhook_http.post(target, body, headers, self.channel.timeout_s, self.max_body)
+        except webhook_http.DeadlineExceededError as exc:
+            raise DeliveryError(f"timeout: no complete answer within {self.channel.timeout_s} s") from exc
+        except TimeoutError as exc:
             raise DeliveryError(f"timeout after {self.channel.timeout_s} s ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        if 200 <= response.status_code < 300:
+        except (ConnectionError, OSError) as exc:
+            raise DeliveryError(f"ConnectError to {target.address}: {exc}") from exc
+        except http.client.HTTPException as exc:
+            raise DeliveryError(f"bad HTTP answer: {type(exc).__name__}: {exc}") from exc
+        if 200 <= response.status < 300:
             return
-        reason = f"HTTP {response.status_code}: {response.text[:200]!r}"
-        if response.status_code in RETRYABLE_STATUS:
-            raise DeliveryError(reason, retry_after_s=_retry_after(response))
+        reason = f"HTTP {response.status}: {response.body[:200]!r}"
+        if response.status in RETRYABLE_STATUS:
+            raise DeliveryError(reason, retry_after_s=_retry_after(response.headers))
         raise DeliveryError(reason, permanent=True)
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing held between attempts: each one connects afresh to the address it checked."""
 
 
 class KafkaSender:
@@ -146,7 +167,8 @@ class SenderFactory:
     def __call__(self, sub: Subscription) -> Sender:
         channel = sub.channel
         if isinstance(channel, WebhookChannel):
-            return WebhookSender(channel, self._settings.deliver.allow_private_networks)
+            return WebhookSender(channel, self._settings.deliver.allow_private_networks,
+                                 self._settings.deliver.max_response_bytes)
         if isinstance(channel, KafkaChannel):
             if not self._settings.kafka.bootstrap_servers:
                 raise ValueError(f"subscription {sub.id!r} delivers to Kafka topic {channel.topic!r}, and no Kafka "
@@ -155,6 +177,14 @@ class SenderFactory:
                 if self._producer is None:
                     self._producer = make_producer(self._settings.kafka)
             return KafkaSender(channel, self._producer)
+        if isinstance(channel, MqttChannel):
+            from pipeline.delivery.mqtt import MqttSender
+
+            return MqttSender(channel, sub.id, CameraStates(self._redis, self._settings.redis.key_prefix))
+        if isinstance(channel, OpcUaChannel):
+            from pipeline.delivery.opcua import OpcUaSender
+
+            return OpcUaSender(channel, sub.id, CameraStates(self._redis, self._settings.redis.key_prefix))
         return RedisStreamSender(channel, self._redis)
 
     def close(self) -> None:

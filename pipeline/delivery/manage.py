@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,13 +18,17 @@ from pipeline.delivery.payload import build_notification
 from pipeline.delivery.store import DeliveryLedger, SubscriptionStore
 from pipeline.delivery.urls import validate_webhook_url
 from schemas.events import DefectEvent, Region
-from schemas.subscriptions import DeadDelivery, Subscription, WebhookChannel
+from schemas.subscriptions import DeadDelivery, OpcUaChannel, Subscription, WebhookChannel
 
 
 def check_subscription(sub: Subscription, settings: Settings) -> None:
     """Raise ValueError when the subscription could never be delivered as configured."""
     if isinstance(sub.channel, WebhookChannel):
         validate_webhook_url(sub.channel.url, settings.deliver.allow_private_networks)
+    if isinstance(sub.channel, OpcUaChannel):
+        for path in (sub.channel.certificate, sub.channel.private_key, sub.channel.server_certificate):
+            if path and not Path(path).is_file():
+                raise ValueError(f"OPC UA certificate or key file {path!r} does not exist")
     if sub.channel.media == "url" and not settings.deliver.public_base_url:
         raise ValueError("media 'url' needs deliver.public_base_url (where `linewatch api` is reachable)")
 
@@ -39,7 +44,7 @@ def with_webhook_secret(data: dict[str, Any]) -> tuple[dict[str, Any], str | Non
 
 def subscription_rows(store: SubscriptionStore, ledger: DeliveryLedger) -> list[dict[str, Any]]:
     """Every subscription as shown to users (secret masked), with its dead letters and held-back count."""
-    return [{**s.public(), "dead_letters": len(ledger.dead(s.id)), "pending_coalesced": ledger.pending_coalesced(s.id)}
+    return [{**s.public(), "dead_letters": ledger.dead_count(s.id), "pending_coalesced": ledger.pending_coalesced(s.id)}
             for s in store.all().values()]
 
 
