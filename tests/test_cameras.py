@@ -6,27 +6,42 @@ threads or as `python -m pipeline.cli capture` subprocesses.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
+import uvicorn
 from kafka import KafkaConsumer, TopicPartition
 
+from pipeline.api.app import create_app
 from pipeline.bus import create_topics, topic_name
 from pipeline.cameras.health import HealthStore
 from pipeline.cameras.leases import LeaseManager
 from pipeline.cameras.overview import CameraAdmin
 from pipeline.cameras.registry import CameraExistsError, CameraNotFoundError, CameraRegistry
-from pipeline.config import CameraConfig, CaptureSettings, DeliverSettings, KafkaSettings, RedisSettings, Settings
+from pipeline.cli import main
+from pipeline.config import (
+    ApiSettings,
+    CameraConfig,
+    CaptureSettings,
+    DeliverSettings,
+    KafkaSettings,
+    RedisSettings,
+    Settings,
+)
+from pipeline.embedded import free_port
 from pipeline.metrics import CAMERA_STATE
 from schemas.cameras import CAMERA_STATUS_TOPIC, CameraStatus
 from schemas.frames import FrameHeader
@@ -242,7 +257,6 @@ def test_killed_capture_worker_cameras_move_and_are_never_captured_twice(
         frames_tail.wait(lambda r: any(h.capture_ts > killed_at + took_s for h in headers(r, "fo-1")), 30,
                          "fo-1 frames from the surviving worker")
         assert survivor.poll() is None
-        print(f"fo-1 moved {took_s:.1f} s after the kill (lease 3 s)")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -260,7 +274,7 @@ def test_killed_capture_worker_cameras_move_and_are_never_captured_twice(
             # One capture thread per run: its frames are in capture order.
             assert [h.capture_ts for h in run] == sorted(h.capture_ts for h in run), cid + logs
         spans = sorted((run[0].capture_ts, run[-1].capture_ts) for run in runs)
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start > end, f"{cid}: two captures overlapped in time: {spans}{logs}"
     # fo-1 was captured by the killed worker and then by the survivor: at least two runs.
     assert len(_runs(headers(frames_tail.records, "fo-1"))) >= 2, logs
@@ -313,3 +327,67 @@ def test_camera_that_stops_raises_camera_down_then_camera_up(
     assert up["down_s"] >= 2.0 and down["dark_after_s"] == 2.0
     assert [s.status for s in statuses][:2] == ["camera_down", "camera_up"]
     assert redis_client.xlen(stream + "-other") == 0  # another line's subscription hears nothing
+
+
+# -- the same operations through the CLI and the API --------------------------------------------------------
+def test_cameras_cli(redis_settings: RedisSettings, redis_client: redis.Redis, tmp_path: Path,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(json.dumps({"redis": redis_settings.model_dump(mode="json"),
+                               "cameras": [camera("yaml-cam", tmp_path).model_dump(mode="json")]}))
+    base = ["--config", str(cfg), "cameras"]
+    assert main([*base, "add", "press-2", "--line", "line-2", "--class", "bolt",
+                 "--source", "rtsp://op:secret@10.0.0.7/s", "--fps", "5"]) == 0
+    assert "secret" not in capsys.readouterr().out
+    assert main([*base, "add", "press-2", "--class", "bolt", "--source", "x"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*base, "update", "press-2", "--no-fps", "--class", "nut"]) == 0
+    assert main([*base, "update", "nope", "--fps", "2"]) == 2
+    assert "no camera 'nope'" in capsys.readouterr().err
+    assert main([*base, "update", "press-2", "--fps", "-3"]) == 2
+    assert "invalid camera fps" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*base, "list", "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"press-2", "yaml-cam"}  # the YAML camera was seeded
+    assert rows["press-2"]["fps"] is None and rows["press-2"]["product_class"] == "nut"
+    assert rows["press-2"]["source"] == "rtsp://***@10.0.0.7/s" and rows["press-2"]["state"] == "unassigned"
+    assert rows["yaml-cam"]["origin"] == "yaml" and rows["press-2"]["origin"] == "runtime"
+    assert main([*base, "remove", "yaml-cam"]) == 0 and main([*base, "remove", "yaml-cam"]) == 2
+    capsys.readouterr()
+    assert main([*base, "list"]) == 0
+    table = capsys.readouterr().out
+    assert "press-2" in table and "yaml-cam" not in table  # removed stays removed despite the YAML
+
+
+def test_cameras_api(redis_settings: RedisSettings, tmp_path: Path) -> None:
+    token = "cam-api-token-0123456789"
+    settings = Settings(redis=redis_settings, cameras=[camera("yaml-cam", tmp_path)],
+                        api=ApiSettings(host="127.0.0.1", port=free_port(), token=token))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api.port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.api.port}/api/v1/cameras/registry"
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10) as http:
+            wait_until(lambda: server.started, 30, "API server up")
+            assert httpx.get(url).status_code == 401
+            assert [r["id"] for r in http.get(url).json()] == ["yaml-cam"]
+            body = {"id": "gate-1", "line": "line-5", "product_class": "bolt", "source": "http://u:pw@cam/mjpg"}
+            created = http.post(url, json=body)
+            assert created.status_code == 201 and created.json()["source"] == "http://***@cam/mjpg"
+            assert http.post(url, json=body).status_code == 409
+            bad = http.post(url, json={**body, "id": "gate-2", "fps": 0})
+            assert bad.status_code == 422 and "fps" in bad.json()["detail"]
+            changed = http.patch(f"{url}/gate-1", json={"fps": 12.5})
+            assert changed.status_code == 200 and changed.json()["fps"] == 12.5
+            assert http.patch(f"{url}/nope", json={"fps": 1}).status_code == 404
+            row = http.get(f"{url}/gate-1").json()
+            assert row["state"] == "unassigned" and row["line"] == "line-5" and row["worker"] is None
+            assert http.delete(f"{url}/gate-1").status_code == 204
+            assert http.delete(f"{url}/gate-1").status_code == 404
+            assert http.get(f"{url}/gate-1").status_code == 404
+    finally:
+        server.should_exit = True
+        thread.join(15)
