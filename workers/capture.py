@@ -337,6 +337,8 @@ def run_managed_capture(settings: Settings, stop: threading.Event, *, health: He
     status_publisher = StatusPublisher(settings)
     supervisor = ManagedCapture(settings, client, publisher, status_publisher, worker)
     wlog = log.bind(worker="capture", owner=supervisor.worker)
+    # Renewals happen once per round: several per lease period, whatever the poll setting says.
+    interval = min(settings.capture.registry_poll_s, settings.capture.lease_s / 4)
     seeded = supervisor.registry.seed(list(settings.cameras))
     wlog.info("managed_capture_started", seeded=seeded, lease_s=settings.capture.lease_s,
               dark_after_s=settings.capture.dark_after_s)
@@ -348,7 +350,7 @@ def run_managed_capture(settings: Settings, stop: threading.Event, *, health: He
                 wlog.warning("capture_round_failed", error=repr(exc))
             if health is not None:
                 health.beat()
-            stop.wait(settings.capture.registry_poll_s)
+            stop.wait(interval)
     finally:
         try:
             supervisor.close()
