@@ -339,15 +339,17 @@ def run_managed_capture(settings: Settings, stop: threading.Event, *, health: He
     wlog = log.bind(worker="capture", owner=supervisor.worker)
     # Renewals happen once per round: several per lease period, whatever the poll setting says.
     interval = min(settings.capture.registry_poll_s, settings.capture.lease_s / 4)
-    seeded = supervisor.registry.seed(list(settings.cameras))
-    wlog.info("managed_capture_started", seeded=seeded, lease_s=settings.capture.lease_s,
-              dark_after_s=settings.capture.dark_after_s)
+    seeded: list[str] | None = None
     try:
         while not stop.is_set():
             try:
+                if seeded is None:
+                    seeded = supervisor.registry.seed(list(settings.cameras))
+                    wlog.info("managed_capture_started", seeded=seeded, lease_s=settings.capture.lease_s,
+                              dark_after_s=settings.capture.dark_after_s)
                 supervisor.round()
             except redis.RedisError as exc:
-                wlog.warning("capture_round_failed", error=repr(exc))
+                wlog.warning("capture_round_failed", waiting_for="redis", error=repr(exc))
             if health is not None:
                 health.beat()
             stop.wait(interval)
