@@ -26,7 +26,7 @@ import uvicorn
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.api.app import create_app
-from pipeline.bus import create_topics, topic_name
+from pipeline.bus import DroppingPublisher, create_topics, topic_name
 from pipeline.cameras.health import HealthStore
 from pipeline.cameras.leases import LeaseManager
 from pipeline.cameras.overview import CameraAdmin
@@ -47,7 +47,7 @@ from schemas.cameras import CAMERA_STATUS_TOPIC, CameraStatus
 from schemas.frames import FrameHeader
 from schemas.subscriptions import Subscription
 from tests.conftest import REPO_ROOT
-from workers.capture import run_managed_capture
+from workers.capture import LeaseGuard, run_managed_capture
 from workers.deliver import run_deliver
 
 
@@ -167,6 +167,29 @@ def test_leases_exclude_fence_and_expire(redis_client: redis.Redis, redis_settin
     assert not one.renew(first) and not one.release(first)
     assert two.holders(["cam"]) == {"cam": ("w2", second.token)}
     assert two.release(second) and one.acquire("cam") is not None
+
+
+def test_no_frame_passes_without_a_valid_lease(kafka_settings: KafkaSettings, redis_client: redis.Redis,
+                                               redis_settings: RedisSettings) -> None:
+    create_topics(kafka_settings, names=("frames",))
+    leases = LeaseManager(redis_client, redis_settings.key_prefix, "w", lease_s=1.0)
+    lease = leases.acquire("g")
+    assert lease is not None
+    publisher = DroppingPublisher(kafka_settings, "frames", 8)
+    try:
+        guard = LeaseGuard(publisher, lease)
+        assert guard.offer("g", b"frame-1", [])
+        time.sleep(0.85)  # not renewed: the holder gives the lease up before Redis expires it
+        assert not lease.valid() and not guard.offer("g", b"frame-2", [])
+        fresh = leases.acquire("h")
+        assert fresh is not None
+        stopped = LeaseGuard(publisher, fresh)
+        stopped.close()  # a stopped runner: nothing passes even with a valid lease
+        assert fresh.valid() and not stopped.offer("h", b"frame-3", [])
+        assert publisher.flush(15)
+    finally:
+        publisher.close()
+    assert publisher.published == {"g": 1}
 
 
 # -- managed capture in process ---------------------------------------------------------------------

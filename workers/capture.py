@@ -116,7 +116,7 @@ def run_capture(
 
 
 # -- managed capture: cameras from the Redis registry, shared between workers by leases ----------
-class _GuardedPublisher:
+class LeaseGuard:
     """Passes frames on only while the camera's lease is valid and its runner has not been stopped.
 
     Check and offer happen under one lock that ``close`` also takes, so once ``close`` returns no
@@ -151,7 +151,7 @@ class CameraRunner:
         self.lease = lease
         self.health = health
         self._settings = settings
-        self._guard = _GuardedPublisher(publisher, lease)
+        self._guard = LeaseGuard(publisher, lease)
         self._stop = threading.Event()
         self._log = log.bind(worker="capture", camera=camera.id, lease_token=lease.token)
         self.thread = threading.Thread(target=self._run, name=f"capture-{camera.id}", daemon=True)
