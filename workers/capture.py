@@ -75,12 +75,17 @@ def run_capture(
 
     publisher = DroppingPublisher(settings.kafka, "frames", settings.capture.max_buffered_frames)
     stats: dict[str, CaptureStats] = {c.id: CaptureStats(camera_id=c.id) for c in cameras}
+    # Health metrics only (frames/s, last frame, state): dark notifications need managed capture.
+    healths = {c.id: CameraHealth(c) for c in cameras}
 
     def run_one(camera: CameraConfig) -> None:
         clog = wlog.bind(camera=camera.id)
         try:
-            stage = CaptureStage(camera, settings.capture, publisher, replay_session=replay_session)
+            stage = CaptureStage(camera, settings.capture, publisher, replay_session=replay_session,
+                                 on_frame=healths[camera.id].on_frame)
+            healths[camera.id].source_reconnects = lambda: int(getattr(stage.source, "reconnects", 0))
             stats[camera.id] = stage.run(stop, max_frames=max_frames)
+            healths[camera.id].ended = True
         except Exception as exc:
             # One broken camera must never take the others down.
             clog.exception("camera_failed", source=camera.source)
@@ -98,6 +103,8 @@ def run_capture(
             while t.is_alive():
                 if health is not None:
                     health.beat()
+                for h in healths.values():
+                    h.export(settings.capture.dark_after_s)
                 t.join(0.5)
     except BaseException:
         # Interrupted (Ctrl-C) or failing here: tell the camera threads to wind down too.
