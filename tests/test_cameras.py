@@ -6,11 +6,14 @@ threads or as `python -m pipeline.cli capture` subprocesses.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import itertools
 import json
 import os
 import shutil
 import signal
+import socketserver
 import subprocess
 import sys
 import threading
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import redis
 import uvicorn
@@ -42,6 +46,7 @@ from pipeline.config import (
     Settings,
 )
 from pipeline.embedded import free_port
+from pipeline.imaging import encode_jpeg
 from pipeline.metrics import CAMERA_STATE
 from schemas.cameras import CAMERA_STATUS_TOPIC, CameraStatus
 from schemas.frames import FrameHeader
@@ -414,3 +419,72 @@ def test_cameras_api(redis_settings: RedisSettings, tmp_path: Path) -> None:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+class MjpegServer:
+    """A multipart/x-mixed-replace JPEG stream on loopback, stopped and restarted on the same port."""
+
+    def __init__(self, jpeg: bytes, port: int = 0) -> None:
+        self.stopping = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    while not owner.stopping.is_set():
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(jpeg) + jpeg + b"\r\n")
+                        time.sleep(0.05)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(2)
+
+
+def test_mjpeg_camera_that_stops_goes_dark_and_comes_back(
+        kafka_settings: KafkaSettings, redis_settings: RedisSettings, redis_client: redis.Redis,
+        start_background: Callable[..., Any]) -> None:
+    jpeg = encode_jpeg(np.full((48, 64, 3), 90, np.uint8))
+    server = MjpegServer(jpeg)
+    cam = CameraConfig(id="mj-1", line="line-4", product_class="p", source=f"http://127.0.0.1:{server.port}/s",
+                       fps=5)
+    settings = managed_settings(kafka_settings, redis_settings, [cam], dark_after_s=2.5)
+    status_tail = Tail(kafka_settings, CAMERA_STATUS_TOPIC)
+    health = HealthStore(redis_client, redis_settings.key_prefix)
+    restarted: MjpegServer | None = None
+    try:
+        start_background(run_managed_capture, settings, worker="mj")
+        wait_until(lambda: (health.get("mj-1") or {}).get("state") == "live", 60, "mj-1 live")
+        server.stop()
+        # Silent for a few seconds: reconnecting first, then dark.
+        wait_until(lambda: (health.get("mj-1") or {}).get("state") == "reconnecting", 30, "mj-1 reconnecting")
+        down = status_tail.wait(lambda r: [CameraStatus.model_validate_json(x.value) for x in r], 60, "camera_down")
+        assert [s.status for s in down] == ["camera_down"] and down[0].camera_id == "mj-1"
+        assert (health.get("mj-1") or {}).get("state") == "dark"
+        restarted = MjpegServer(jpeg, port=server.port)
+        statuses = status_tail.wait(lambda r: len(r) >= 2 and [CameraStatus.model_validate_json(x.value)
+                                                                for x in r], 60, "camera_up")
+        assert [s.status for s in statuses] == ["camera_down", "camera_up"]
+        assert statuses[1].down_s is not None and statuses[1].down_s >= 2.5
+        wait_until(lambda: (health.get("mj-1") or {}).get("reconnects", 0) >= 1, 30, "the reconnect counted")
+    finally:
+        status_tail.close()
+        if restarted is not None:
+            restarted.stop()
