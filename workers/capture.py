@@ -176,10 +176,10 @@ class CameraRunner:
         capture = self._settings.capture
         delay = capture.reconnect_initial_s
         while not self._stop.is_set():
-            stage = CaptureStage(self.camera, capture, self._guard, on_frame=self.health.on_frame)
-            self.health.source_reconnects = lambda s=stage: int(getattr(s.source, "reconnects", 0))
             frames_before = self.health.last_frame_ts
             try:
+                stage = CaptureStage(self.camera, capture, self._guard, on_frame=self.health.on_frame)
+                self.health.source_reconnects = lambda s=stage: int(getattr(s.source, "reconnects", 0))
                 stage.run(self._stop)
                 if self._stop.is_set():
                     return
