@@ -408,6 +408,8 @@ def test_cameras_api(redis_settings: RedisSettings, tmp_path: Path) -> None:
             assert http.post(url, json=body).status_code == 409
             bad = http.post(url, json={**body, "id": "gate-2", "fps": 0})
             assert bad.status_code == 422 and "fps" in bad.json()["detail"]
+            bad = http.post(url, json={**body, "id": "gate-2", "source": "ftp://cam/x"})
+            assert bad.status_code == 422 and "unsupported URL scheme ftp://" in bad.json()["detail"]
             changed = http.patch(f"{url}/gate-1", json={"fps": 12.5})
             assert changed.status_code == 200 and changed.json()["fps"] == 12.5
             assert http.patch(f"{url}/nope", json={"fps": 1}).status_code == 404

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import redis
 from pydantic import ValidationError
 
+from pipeline.capture.sources import LIVE_SCHEMES
 from pipeline.config import CameraConfig
 
 Origin = Literal["yaml", "runtime"]
@@ -33,13 +34,24 @@ class CameraExistsError(ValueError):
 
 
 def parse_camera(data: dict[str, Any]) -> CameraConfig:
-    """A CameraConfig from user input; a bad field is a one-line ValueError naming it."""
+    """A CameraConfig from user input; a bad field is a one-line ValueError naming it.
+
+    Only what can be judged anywhere is checked here: whether a file, folder or device exists is
+    known only on the capture workers' hosts (a missing one shows as a reconnecting/dark camera).
+    """
     try:
-        return CameraConfig.model_validate(data)
+        cam = CameraConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "camera"
         raise ValueError(f"invalid camera {where}: {first.get('msg', 'invalid')}") from None
+    source = cam.source.strip()
+    if not source:
+        raise ValueError("invalid camera source: empty")
+    if "://" in source and not source.lower().startswith(LIVE_SCHEMES):
+        raise ValueError(f"invalid camera source: unsupported URL scheme {source.split('://')[0]}:// "
+                         f"(supported: {', '.join(LIVE_SCHEMES)})")
+    return cam
 
 
 class CameraRegistry:
