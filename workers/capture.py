@@ -254,6 +254,8 @@ class ManagedCapture:
         version = self.registry.version()
         if version != self._version:
             self._version, self.cameras = self.registry.snapshot()
+            if not self.cameras:
+                self._log.info("camera_registry_empty", waiting_for="cameras (linewatch cameras add)")
         self._renew()
         self._apply_changes()
         self._balance()
