@@ -167,6 +167,13 @@ class CaptureSettings(BaseModel):
     max_buffered_frames: int = Field(default=64, ge=1)
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 30.0
+    # Managed capture (`linewatch capture` with Redis): a worker's camera leases expire this long after
+    # it stops renewing them, so another worker takes its cameras over within about this time.
+    lease_s: float = Field(default=10.0, ge=1.0)
+    # How often a worker looks at the camera registry and the leases.
+    registry_poll_s: float = Field(default=1.0, gt=0)
+    # A camera with no frame for this long is dark: `camera_down` to subscriptions, `camera_up` on return.
+    dark_after_s: float = Field(default=30.0, gt=0)
 
 
 class CameraConfig(BaseModel):

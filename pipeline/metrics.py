@@ -26,4 +26,15 @@ PROMPT_CACHE = Counter("linewatch_prompt_cache_total", "Prompt cache lookups", [
 EVENTS_OPENED = Counter("linewatch_events_opened_total", "Defect events opened", ["camera", "product_class"])
 DLQ_RECORDS = Counter("linewatch_dlq_total", "Records sent to the dead-letter topic", ["stage", "reason"])
 DELIVERIES = Counter("linewatch_deliveries_total", "Subscription deliveries", ["channel", "outcome"])
+# Camera health, exported by the capture worker holding the camera (series dropped when it lets go).
+CAMERA_FPS = Gauge("linewatch_camera_fps", "Frames per second read from the camera (last 10 s)", ["camera"])
+CAMERA_LAST_FRAME = Gauge("linewatch_camera_last_frame_timestamp_seconds", "Unix time of the camera's last frame",
+                          ["camera"])
+CAMERA_RECONNECTS = Counter("linewatch_camera_reconnects_total", "Camera source reopened after an error or end",
+                            ["camera"])
+CAMERA_STATE = Gauge("linewatch_camera_state", "1 for the camera's state (live, reconnecting, dark, ended)",
+                     ["camera", "state"])
+CAMERA_LEASES = Gauge("linewatch_camera_leases", "Cameras this capture worker holds")
+CAMERA_STATUS_SENT = Counter("linewatch_camera_status_total", "camera_down / camera_up messages published",
+                             ["status"])
 

@@ -285,7 +285,9 @@ class Notification(BaseModel):
     schema_version: int = 1
     subscription_id: str
     delivery_id: str = Field(description="event id, plus ':closed' for a closing message")
-    status: EventStatus
+    # camera_down / camera_up: a camera's health (pipeline.delivery.camera_status); ``event`` then
+    # holds the schemas.cameras.CameraStatus fields.
+    status: EventStatus | Literal["camera_down", "camera_up"]
     # Messages suppressed by the rate limit for this camera since the previous message.
     coalesced: int = Field(default=0, ge=0)
     test: bool = False

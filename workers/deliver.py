@@ -25,6 +25,7 @@ from pipeline.bus import (
     send_dead_letter,
 )
 from pipeline.config import Settings
+from pipeline.delivery.camera_status import CameraStatusDelivery
 from pipeline.delivery.channels import SenderFactory
 from pipeline.delivery.dispatch import Dispatcher
 from pipeline.delivery.store import DeliveryLedger, ReplayAlerts, SubscriptionStore
@@ -65,6 +66,8 @@ def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | 
     lanes_stop = threading.Event()
     dispatcher = Dispatcher(settings.deliver, DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s),
                             ReplayAlerts(client, prefix), senders, lanes_stop)
+    # Camera health (camera_down/up) to subscriptions: its own consumer and thread, only started here.
+    camera_status = CameraStatusDelivery(settings, client, senders, threading.Event()).start()
     try:
         create_topics(kafka, names=("defects", "dlq"))
     except KafkaError as exc:
@@ -115,6 +118,7 @@ def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | 
                 wlog.info("deliver_worker_idle_exit", idle_s=idle_exit_s)
                 break
     finally:
+        camera_status.close()
         lanes_stop.set()
         dispatcher.close()
         # Whatever the lanes settled before stopping is committed; the rest is redelivered.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,6 +73,7 @@ class CaptureStage:
         publisher: FramePublisher,
         replay_session: str | None = None,
         seq_start: int | None = None,
+        on_frame: Callable[[float], None] | None = None,
     ) -> None:
         self.camera = camera
         self.settings = capture_settings
@@ -80,6 +82,9 @@ class CaptureStage:
         if seq_start is None:
             seq_start = 0 if replay_session else int(time.time() * 1000)
         self.seq = seq_start
+        # Health tracking (managed capture): called with the capture time of every frame read.
+        self.on_frame = on_frame
+        self.source: FrameSource | None = None
         self._log = get_logger(__name__).bind(camera=camera.id)
 
     def open(self, stop: threading.Event) -> FrameSource:
@@ -92,13 +97,15 @@ class CaptureStage:
         """
         stats = CaptureStats(camera_id=self.camera.id)
         started = time.monotonic()
-        source = self.open(stop)
+        source = self.source = self.open(stop)
         self._log.info("capture_started", source=repr(source), replay_session=self.replay_session)
         frames = iter(source)
         try:
             for rgb, capture_ts in frames:
                 stats.captured += 1
                 FRAMES_CAPTURED.labels(camera=self.camera.id).inc()
+                if self.on_frame is not None:
+                    self.on_frame(capture_ts)
                 try:
                     self._publish(rgb, capture_ts)
                 except (cv2.error, ValueError) as exc:

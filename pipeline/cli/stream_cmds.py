@@ -55,9 +55,14 @@ def worker_health(settings: Settings) -> Health:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from workers.capture import run_capture
+    from workers.capture import run_capture, run_managed_capture
 
     settings = _settings(args)
+    if settings.redis.url and not (args.camera or args.replay_session or args.stats_file):
+        # Managed: the Redis camera registry, shared with other capture workers through leases.
+        with worker_health(settings) as health:
+            run_managed_capture(settings, stop_on_signals(), health=health)
+        return 0
     with worker_health(settings) as health:
         stats = run_capture(settings, args.camera or None, stop_on_signals(), replay_session=args.replay_session,
                             health=health)
@@ -120,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", default=None, help="where worker logs go (default: a temp folder)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("capture", help="run capture workers for configured cameras")
+    p = sub.add_parser("capture", help="capture the registry's cameras, shared with other capture workers (with "
+                                       "Redis; or fixed: --camera, --replay-session, no Redis)")
     p.add_argument("--camera", action="append", help="camera id (repeatable; default: all configured)")
     p.add_argument("--replay-session", default=None, help="tag frames with this replay session id")
     p.add_argument("--stats-file", default=None, help=argparse.SUPPRESS)
