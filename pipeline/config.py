@@ -7,11 +7,10 @@ Values come, in increasing priority, from defaults, an optional YAML file (``--c
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
-
-import difflib
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -271,9 +270,9 @@ def _yaml_data(path: str) -> dict[str, Any]:
 
 def _in_data(data: Any, loc: tuple[int | str, ...]) -> bool:
     for part in loc:
-        if isinstance(part, int) and isinstance(data, list) and part < len(data):
-            data = data[part]
-        elif isinstance(part, str) and isinstance(data, dict) and part in data:
+        found = (isinstance(part, int) and isinstance(data, list) and part < len(data)) or (
+            isinstance(part, str) and isinstance(data, dict) and part in data)
+        if found:
             data = data[part]
         else:
             return False
@@ -298,7 +297,8 @@ def describe_error(err: dict[str, Any], config_path: str | None, data: dict[str,
         hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
         return f"{origin}{key}: unknown key ({hint})"
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if err.get("type") not in ("missing", "value_error") and "input" in err and not isinstance(err["input"], dict | list):
+    scalar_input = "input" in err and not isinstance(err["input"], dict | list)
+    if scalar_input and err.get("type") not in ("missing", "value_error"):
         msg += f" (got {err['input']!r})"
     return f"{origin}{key}: {msg}"
 

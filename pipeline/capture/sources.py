@@ -203,10 +203,8 @@ class ImageFolderSource(FrameSource):
                         return
                 if not limiter.wait(self.stop):
                     return
-                if entry.capture_ts is None or self.restamp:
-                    ts = time.time()
-                else:
-                    ts = entry.capture_ts + passes * span
+                recorded = entry.capture_ts if not self.restamp else None
+                ts = time.time() if recorded is None else recorded + passes * span
                 emitted += 1
                 yield rgb, ts
             if emitted == 0:
