@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.bus import TOPICS, create_topics, make_consumer, topic_name
 from pipeline.config import Settings
@@ -121,6 +121,7 @@ class Site:
         self.started = time.time()
         self._lock: IO[str] | None = None
         self._stale_said = 0
+        self.stats_file: Path | None = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -260,11 +261,15 @@ class Site:
                 break
             if time.monotonic() - last_note >= PROGRESS_EVERY_S:
                 last_note = time.monotonic()
-                failing = ""
+                failing: dict[str, str] = {}
                 with contextlib.suppress(ValueError, AttributeError):
-                    failing = "; ".join(f"{k}: {v}" for k, v in json.loads(body).get("failing", {}).items())
-                detail = f": {failing}" if failing else ""
-                self.say(f"still waiting for the scorer ({time.monotonic() - t0:.0f}s){detail}")
+                    failing = dict(json.loads(body).get("failing", {}))
+                # The loop starts after the model: "not started" adds nothing while it loads.
+                failing.pop("loop", None)
+                doing = "loading the model and preparing the cameras' classes" if failing.pop(
+                    "model_loaded", None) or not failing else "waiting for the scorer"
+                others = "; ".join(f"{k}: {v}" for k, v in failing.items())
+                self.say(f"still {doing} ({time.monotonic() - t0:.0f}s){'; ' + others if others else ''}")
             time.sleep(0.3)
         self.say(f"scorer ready (model loaded) in {time.monotonic() - t0:.1f}s; starting capture")
 
@@ -290,6 +295,11 @@ class Site:
                     env = self.start_infrastructure(stack)
                     create_topics(self.settings.kafka, TOPICS)
                     self.ports = {n: free_port() for n in WORKERS if n != "api"}
+                    consumer = self._results_consumer()
+                    stack.callback(consumer.close)
+                    # After the workers stop (callbacks run last-in first-out): the scores and events
+                    # of their last batch, before the broker goes.
+                    stack.callback(self._drain, consumer)
                     stack.callback(self.stop_children)
                     self.children["score"] = self.spawn("score", env, [])
                     self.children["alert"] = self.spawn("alert", env, [])
@@ -298,7 +308,7 @@ class Site:
                         self.start_api(env)
                     self.print_join(env)
                     self.wait_for_scorer()
-                    stats_file = self.run_dir / "capture-stats.json"
+                    stats_file = self.stats_file = self.run_dir / "capture-stats.json"
                     stats_file.unlink(missing_ok=True)
                     capture_args = ["--stats-file", str(stats_file)]
                     if self.replay_session:
@@ -308,7 +318,7 @@ class Site:
                     self.say(f"workers started: "
                              f"{', '.join(f'{n} (pid {p.pid})' for n, p in self.children.items())}; "
                              f"logs in {self.run_dir}")
-                    code = self._follow(stats_file, exit_when_done)
+                    code = self._follow(consumer, stats_file, exit_when_done)
                 except (KeyboardInterrupt, Stopped) as exc:
                     self.say(f"{exc or 'SIGINT'}: stopping workers…")
                     code = 130
@@ -351,55 +361,75 @@ class Site:
         self.say(f"to join this site from another shell (`linewatch subscriptions ...`, `linewatch calibrate`), "
                  f"run `. {site_env}` or:\n" + "\n".join(f"  {ln}" for ln in lines))
 
-    def _follow(self, stats_file: Path, exit_when_done: bool) -> int:
+    def _results_consumer(self) -> KafkaConsumer:
         kafka = self.settings.kafka
         consumer = make_consumer(kafka, None, [])
         tps = [TopicPartition(topic_name(kafka, t), p) for t in ("scores", "defects")
                for p in sorted(consumer.partitions_for_topic(topic_name(kafka, t)) or [])]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        scores_topic = topic_name(kafka, "scores")
+        return consumer
+
+    def _poll(self, consumer: KafkaConsumer, timeout_ms: int) -> int:
+        scores_topic = topic_name(self.settings.kafka, "scores")
+        n = 0
+        for tp, records in consumer.poll(timeout_ms=timeout_ms).items():
+            for rec in records:
+                n += 1
+                if tp.topic == scores_topic:
+                    self._on_score(rec.value)
+                else:
+                    self._on_event(rec.value)
+        return n
+
+    def _drain(self, consumer: KafkaConsumer, quiet_s: float = 1.5, max_s: float = 10.0) -> None:
+        """Read what the stopped workers produced last, until the topics are quiet."""
+        deadline = time.monotonic() + max_s
+        quiet_since = time.monotonic()
+        with contextlib.suppress(Exception):  # the broker may be gone; the summary then says less
+            while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+                if self._poll(consumer, 300):
+                    quiet_since = time.monotonic()
+        if not self.summary.frames and self.stats_file is not None and self.stats_file.is_file():
+            # Stopped before capture finished: capture wrote its counts on the way out.
+            with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+                stats = json.loads(self.stats_file.read_text())
+                self.summary.frames = sum(s["published"] for s in stats.values())
+
+    def _follow(self, consumer: KafkaConsumer, stats_file: Path, exit_when_done: bool) -> int:
         captured: int | None = None
         done_since: float | None = None
         grace = self.settings.alert.quiet_s + 3.0
         next_metrics = time.monotonic() + 5.0
         capture_started = time.monotonic()
         noted_join = False
-        try:
-            while True:
-                for tp, records in consumer.poll(timeout_ms=500).items():
-                    for rec in records:
-                        if tp.topic == scores_topic:
-                            self._on_score(rec.value)
-                        else:
-                            self._on_event(rec.value)
-                problem = self.dead_worker()
-                if problem:
-                    self.say(problem)
-                    return 1
-                if not noted_join and not self.summary.scores and \
-                        time.monotonic() - capture_started > FIRST_SCORE_NOTE_S:
-                    noted_join = True
-                    # Frames are not lost meanwhile: a new group reads the topic from its start.
-                    self.say("waiting for consumer group join… (the scorer's first batch; frames wait in the topic)")
-                if time.monotonic() >= next_metrics or (captured is not None and exit_when_done):
-                    next_metrics = time.monotonic() + 5.0
-                    self._collect_metrics()
-                if captured is None and self.children["capture"].poll() == 0 and stats_file.is_file():
-                    stats = json.loads(stats_file.read_text())
-                    captured = sum(s["published"] for s in stats.values())
-                    self.summary.frames = captured
-                    self.say(f"capture finished: {captured} frames published")
-                if not exit_when_done or captured is None:
-                    continue
-                handled = len(self.summary.scored) + self.summary.stale + self.summary.rejected
-                if handled >= captured:
-                    done_since = done_since or time.monotonic()
-                    # Let alerting close the last event after its quiet period.
-                    if time.monotonic() - done_since > grace:
-                        return 0
-        finally:
-            consumer.close()
+        while True:
+            self._poll(consumer, 500)
+            problem = self.dead_worker()
+            if problem:
+                self.say(problem)
+                return 1
+            if not noted_join and not self.summary.scores and \
+                    time.monotonic() - capture_started > FIRST_SCORE_NOTE_S:
+                noted_join = True
+                # Frames are not lost meanwhile: a new group reads the topic from its start.
+                self.say("waiting for consumer group join… (the scorer's first batch; frames wait in the topic)")
+            if time.monotonic() >= next_metrics or (captured is not None and exit_when_done):
+                next_metrics = time.monotonic() + 5.0
+                self._collect_metrics()
+            if captured is None and self.children["capture"].poll() == 0 and stats_file.is_file():
+                stats = json.loads(stats_file.read_text())
+                captured = sum(s["published"] for s in stats.values())
+                self.summary.frames = captured
+                self.say(f"capture finished: {captured} frames published")
+            if not exit_when_done or captured is None:
+                continue
+            handled = len(self.summary.scored) + self.summary.stale + self.summary.rejected
+            if handled >= captured:
+                done_since = done_since or time.monotonic()
+                # Let alerting close the last event after its quiet period.
+                if time.monotonic() - done_since > grace:
+                    return 0
 
     def _mine(self, replay_session: str | None, ts: float) -> bool:
         """Only this run's frames and events: topics and the cache may hold earlier runs'."""
