@@ -139,7 +139,7 @@ def test_a_missing_source_is_reported_before_anything_starts(tmp_path: Path) -> 
 def test_an_uncached_tag_offline_fails_at_once_with_the_fix(tmp_path: Path, shared_data: Path) -> None:
     stream = write_stream(shared_data / "test" / "good", tmp_path / "stream", 1, (64, 32))
     cfg = site_config(tmp_path, stream)
-    cfg.write_text(cfg.read_text().replace("pretrained: random", "pretrained: laion400m_e31"))
+    cfg.write_text(cfg.read_text().replace("ViT-S-32, pretrained: random", "ViT-B-32, pretrained: laion400m_e31"))
     env = clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
     started = time.monotonic()
     proc = cli("--config", str(cfg), "run", "--data-dir", str(tmp_path / "data"), env=env, timeout=60)

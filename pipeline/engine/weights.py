@@ -101,9 +101,15 @@ def offline_reason(probe_host: str = "huggingface.co", timeout_s: float = 3.0) -
 
 
 def check_tag_available(backbone: str, tag: str, cache_dir: str | None = None) -> None:
-    """Fail at once, with the fix, when a tag is neither cached nor downloadable."""
-    if tag == RANDOM or os.path.isfile(tag) or tag not in open_clip.list_pretrained_tags_by_model(backbone):
+    """Fail at once, with the fix, when a tag is unknown for the backbone, or neither cached nor downloadable."""
+    if tag == RANDOM or os.path.isfile(tag):
         return
+    _check_model_name(backbone)
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    if tag not in tags:
+        hint = "a file path that exists" if ("/" in tag or tag.endswith((".pt", ".bin"))) else "an existing file"
+        raise WeightsError(f"pretrained {tag!r} for {backbone} is neither a known open_clip tag "
+                           f"({', '.join(tags) or 'none for this backbone'}) nor {hint}")
     if cached_tag_file(backbone, tag, cache_dir) is not None:
         return
     reason = offline_reason()
@@ -122,16 +128,8 @@ def load_model(backbone: str, pretrained: str, cache_dir: str | None = None, see
         log.warning("random_weights", backbone=backbone, seed=seed,
                     detail="pretrained=random: scores are meaningless; for tests, benchmarks and demos only")
         return create_random_model(backbone, seed)
-    tags = open_clip.list_pretrained_tags_by_model(backbone)
     is_file = os.path.isfile(pretrained)
-    if not is_file and pretrained not in tags:
-        hint = "a file path that exists" if ("/" in pretrained or pretrained.endswith((".pt", ".bin"))) else ""
-        raise WeightsError(
-            f"pretrained {pretrained!r} for {backbone} is neither a known open_clip tag ({', '.join(tags)}) "
-            f"nor {hint or 'an existing file'}"
-        )
-    if not is_file:
-        check_tag_available(backbone, pretrained, cache_dir)
+    check_tag_available(backbone, pretrained, cache_dir)
     try:
         model = open_clip.create_model(backbone, pretrained=pretrained, cache_dir=cache_dir,
                                        require_pretrained=True)
