@@ -112,7 +112,8 @@ class Site:
         self.replay_session = replay_session
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="linewatch-run-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        # None: an embedded cache that keeps nothing (replay's embedded site); `run` passes a folder.
+        self.data_dir = Path(data_dir) if data_dir else None
         self.with_api = api
         self.out = out
         self.children: dict[str, subprocess.Popen] = {}
@@ -130,6 +131,8 @@ class Site:
     # -- infrastructure -------------------------------------------------------------------------
     def lock_data_dir(self) -> None:
         """One site per data folder: two caches on the same append-only file would corrupt it."""
+        if self.data_dir is None:
+            return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = (self.data_dir / "site.lock").open("w")
         try:
@@ -150,10 +153,13 @@ class Site:
             self.say(f"embedded Kafka-compatible broker (tansu) at {broker.bootstrap_servers} "
                      f"(in memory: topics start empty at every run)")
         if self.settings.redis.url is None:
-            cache = stack.enter_context(EmbeddedRedis(data_dir=self.data_dir / "cache"))
+            cache = stack.enter_context(EmbeddedRedis(data_dir=self.data_dir / "cache" if self.data_dir else None))
             self.settings.redis.url = cache.url
-            self.say(f"embedded cache at {cache.url} (kept in {cache.data_dir}: subscriptions, thresholds, "
-                     f"references and labels survive a restart)")
+            if cache.data_dir is not None:
+                self.say(f"embedded cache at {cache.url} (kept in {cache.data_dir}: subscriptions, thresholds, "
+                         f"references and labels survive a restart)")
+            else:
+                self.say(f"embedded cache at {cache.url} (in memory)")
         env["LINEWATCH_KAFKA__BOOTSTRAP_SERVERS"] = self.settings.kafka.bootstrap_servers or ""
         env["LINEWATCH_REDIS__URL"] = self.settings.redis.url or ""
         if self.config_file:
@@ -165,6 +171,8 @@ class Site:
         """The configured token, else one kept in the data folder (so a bookmarked dashboard keeps working)."""
         if self.settings.api.token:
             return self.settings.api.token
+        if self.data_dir is None:
+            return secrets.token_urlsafe(24)
         path = self.data_dir / "api-token"
         with contextlib.suppress(OSError):
             token = path.read_text().strip()
@@ -183,8 +191,10 @@ class Site:
         cmd += [name, *extra]
         logfile = (self.run_dir / f"{name}.log").open("ab")
         child_env = {**os.environ, **env}
-        if name != "api":
+        if name in self.ports:
             child_env["LINEWATCH_METRICS__PORT"] = str(self.ports[name])
+        elif self.settings.metrics.port is not None and name != "api":
+            child_env["LINEWATCH_METRICS__PORT"] = str(self.settings.metrics.port + WORKERS.index(name))
         # Own process group: a signal for the site reaches the child only through stop_children,
         # in order; PDEATHSIG ends the child if the site is killed outright.
         proc = subprocess.Popen(cmd, env=child_env, stdout=logfile, stderr=subprocess.STDOUT,
@@ -353,13 +363,16 @@ class Site:
         names = ["LINEWATCH_CONFIG", "LINEWATCH_KAFKA__BOOTSTRAP_SERVERS", "LINEWATCH_REDIS__URL",
                  "LINEWATCH_API__TOKEN"]
         lines = [f"export {n}={shlex.quote(env[n])}" for n in names if env.get(n)]
-        site_env = self.data_dir / "site.env"
-        with contextlib.suppress(OSError):
-            fd = os.open(site_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write("\n".join(lines) + "\n")
+        how = ""
+        if self.data_dir is not None:
+            site_env = self.data_dir / "site.env"
+            with contextlib.suppress(OSError):
+                fd = os.open(site_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write("\n".join(lines) + "\n")
+                how = f"run `. {site_env}` or"
         self.say(f"to join this site from another shell (`linewatch subscriptions ...`, `linewatch calibrate`), "
-                 f"run `. {site_env}` or:\n" + "\n".join(f"  {ln}" for ln in lines))
+                 f"{how or 'run'}:\n" + "\n".join(f"  {ln}" for ln in lines))
 
     def _results_consumer(self) -> KafkaConsumer:
         kafka = self.settings.kafka

@@ -128,7 +128,7 @@ def check_site(settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.site import Site
+    from pipeline.site import Site, default_data_dir
 
     if args.log_level is None:
         # The site prints events and a summary; worker logs go to files in the run folder.
@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_port_free(settings.api.host, settings.api.port)
     replay = f"replay-{uuid.uuid4().hex[:8]}" if args.replay else None
     site = Site(settings, config_file=args.config or os.environ.get("LINEWATCH_CONFIG"), replay_session=replay,
-                run_dir=args.run_dir, data_dir=args.data_dir, api=not args.no_api)
+                run_dir=args.run_dir, data_dir=args.data_dir or default_data_dir(), api=not args.no_api)
     return site.run(exit_when_done=args.exit_when_done)
 
 
