@@ -304,7 +304,10 @@ class Site:
                 try:
                     env = self.start_infrastructure(stack)
                     create_topics(self.settings.kafka, TOPICS)
-                    self.ports = {n: free_port() for n in WORKERS if n != "api"}
+                    # Every worker serves /metrics and /readyz: the site waits on and reads them.
+                    base = self.settings.metrics.port
+                    self.ports = {n: (base + WORKERS.index(n) if base is not None else free_port())
+                                  for n in WORKERS if n != "api"}
                     consumer = self._results_consumer()
                     stack.callback(consumer.close)
                     # After the workers stop (callbacks run last-in first-out): the scores and events
