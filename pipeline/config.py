@@ -7,11 +7,13 @@ Values come, in increasing priority, from defaults, an optional YAML file (``--c
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,7 +25,13 @@ Method = Literal["winclip", "alfa"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 
 
-class KafkaSettings(BaseModel):
+class Section(BaseModel):
+    """A configuration section: an unknown key is an error (a typo must not fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Section):
     """Broker connection; no bootstrap servers means `linewatch run` embeds a broker."""
 
     bootstrap_servers: str | None = None
@@ -66,7 +74,7 @@ class KafkaSettings(BaseModel):
         return kwargs
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(Section):
     """Cache connection; no URL means `linewatch run` embeds a server."""
 
     url: str | None = None
@@ -75,7 +83,7 @@ class RedisSettings(BaseModel):
     lock_timeout_s: float = 120.0
 
 
-class LLMSettings(BaseModel):
+class LLMSettings(Section):
     """OpenAI-compatible chat-completions endpoint for ALFA prompt generation (optional)."""
 
     url: str | None = None
@@ -86,7 +94,7 @@ class LLMSettings(BaseModel):
     n_prompts: int = Field(default=20, ge=1, le=100)
 
 
-class EngineSettings(BaseModel):
+class EngineSettings(Section):
     method: Method = "winclip"
     backbone: str = "ViT-B-16-plus-240"
     # An open_clip tag, a local checkpoint path, or "random" (tests and plumbing demos only).
@@ -99,7 +107,7 @@ class EngineSettings(BaseModel):
     cache_dir: Path | None = None
 
 
-class ScoringSettings(BaseModel):
+class ScoringSettings(Section):
     max_batch: int = Field(default=8, ge=1)
     max_wait_ms: int = Field(default=50, ge=0)
     # Live monitoring wants the present: older frames are skipped. None disables (replays).
@@ -110,7 +118,7 @@ class ScoringSettings(BaseModel):
     group_id: str = "linewatch-score"
 
 
-class AlertSettings(BaseModel):
+class AlertSettings(Section):
     k: int = Field(default=2, ge=1)
     n: int = Field(default=3, ge=1)
     quiet_s: float = Field(default=2.0, ge=0)
@@ -127,7 +135,7 @@ class AlertSettings(BaseModel):
         return n
 
 
-class DeliverSettings(BaseModel):
+class DeliverSettings(Section):
     group_id: str = "linewatch-deliver"
     # Webhooks to loopback/private/link-local addresses are refused unless allowed (SSRF guard).
     allow_private_networks: bool = False
@@ -151,8 +159,9 @@ class DeliverSettings(BaseModel):
     max_dead_letters: int = Field(default=10_000, ge=1)
 
 
-class ApiSettings(BaseModel):
-    host: str = "0.0.0.0"
+class ApiSettings(Section):
+    # Loopback unless asked: the dashboard shows the plant's frames. Containers set 0.0.0.0.
+    host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     # Bearer token for the JSON API and the dashboard; the API refuses to start without one.
     token: str | None = None
@@ -161,7 +170,7 @@ class ApiSettings(BaseModel):
     max_events: int = Field(default=10_000, ge=1)
 
 
-class CaptureSettings(BaseModel):
+class CaptureSettings(Section):
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     resize_width: int | None = None
     max_buffered_frames: int = Field(default=64, ge=1)
@@ -176,7 +185,7 @@ class CaptureSettings(BaseModel):
     dark_after_s: float = Field(default=30.0, gt=0)
 
 
-class CameraConfig(BaseModel):
+class CameraConfig(Section):
     id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     line: str = "line-1"
     product_class: str
@@ -185,7 +194,7 @@ class CameraConfig(BaseModel):
     loop: bool = False
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     port: int | None = None
 
 
@@ -227,13 +236,138 @@ class Settings(BaseSettings):
 _CONFIG_FILE: str | None = None
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings tree; a missing config file is an error, not a silent default."""
-    global _CONFIG_FILE
-    if config_file is not None and not Path(config_file).is_file():
-        raise FileNotFoundError(f"config file not found: {config_file}")
-    _CONFIG_FILE = str(config_file) if config_file else None
+class ConfigError(ValueError):
+    """Configuration that cannot be used; the message is one line naming the file (or variable) and key."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The settings model a validation error location points into (list indices skipped)."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        for candidate in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return model
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _yaml_data(path: str) -> dict[str, Any]:
     try:
-        return Settings(**overrides)
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (kafka:, engine:, cameras: ...), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _in_data(data: Any, loc: tuple[int | str, ...]) -> bool:
+    for part in loc:
+        found = (isinstance(part, int) and isinstance(data, list) and part < len(data)) or (
+            isinstance(part, str) and isinstance(data, dict) and part in data)
+        if found:
+            data = data[part]
+        else:
+            return False
+    return True
+
+
+def describe_error(err: dict[str, Any], config_path: str | None, data: dict[str, Any]) -> str:
+    """One validation error as `FILE: section.key: problem (did you mean ...?)`."""
+    loc = tuple(err.get("loc", ()))
+    key = _dotted(loc) or "(top level)"
+    env_name = "LINEWATCH_" + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
+    if config_path and (_in_data(data, loc) or (err.get("type") == "missing" and _in_data(data, loc[:-1]))):
+        origin = f"{config_path}: "
+    elif any(k.upper().startswith(env_name) for k in os.environ):
+        origin = f"{env_name}: "
+    else:
+        origin = f"{config_path}: " if config_path else ""
+    if err.get("type") == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = sorted(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+        return f"{origin}{key}: unknown key ({hint})"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    scalar_input = "input" in err and not isinstance(err["input"], dict | list)
+    if scalar_input and err.get("type") not in ("missing", "value_error"):
+        msg += f" (got {err['input']!r})"
+    return f"{origin}{key}: {msg}"
+
+
+def _resolve_paths(settings: Settings, config_path: str, data: dict[str, Any]) -> None:
+    """Relative paths written in the config file mean "next to the config file", wherever the
+    command runs from (URLs and device indexes are left alone)."""
+    base = Path(config_path).parent
+
+    def resolve(value: str) -> str:
+        path = Path(value).expanduser()
+        return value if path.is_absolute() else os.path.normpath(base / path)
+
+    cams = data.get("cameras")
+    if isinstance(cams, list) and len(cams) == len(settings.cameras):
+        for cam, raw in zip(settings.cameras, cams, strict=True):
+            src = cam.source.strip()
+            if isinstance(raw, dict) and "source" in raw and not src.isdigit() and "://" not in src:
+                cam.source = resolve(src)
+    engine = data.get("engine") if isinstance(data.get("engine"), dict) else {}
+    for name in ("shots_dir", "cache_dir"):
+        value = getattr(settings.engine, name)
+        if name in engine and value is not None and not value.is_absolute():
+            setattr(settings.engine, name, Path(resolve(str(value))))
+    pretrained = settings.engine.pretrained
+    if "pretrained" in engine and pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
+        settings.engine.pretrained = resolve(pretrained)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree; a missing config file is an error, not a silent default.
+
+    Validation problems raise ConfigError with one line per first problem naming the file (or
+    environment variable) and the dotted key, with "did you mean" for misspelt keys.
+    """
+    global _CONFIG_FILE
+    path = str(config_file) if config_file else os.environ.get("LINEWATCH_CONFIG") or None
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = _yaml_data(path) if path else {}
+    _CONFIG_FILE = path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        # Unknown keys first: a misspelt key is usually why a required value looks missing.
+        errors = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")
+        first = describe_error(dict(errors[0]), path, data)
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise ConfigError(first + more) from None
     finally:
         _CONFIG_FILE = None
+    if path:
+        _resolve_paths(settings, path, data)
+    return settings

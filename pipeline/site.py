@@ -1,36 +1,58 @@
 """`linewatch run`: a small site's workers in one process tree.
 
-Starts an embedded broker and cache when none are configured, one child process per worker
-(capture, score, alert, deliver) with their logs in a run folder, and follows the defects topic to show
-events as they happen. With `exit_when_done` it stops once finite sources are fully captured,
-scored and alerted, and returns a summary.
+Starts an embedded broker and cache when none are configured (the cache keeps its data in the
+site's data folder), one child process per worker (score, alert, deliver, api, then capture once
+the scorer is ready) with their logs in a run folder, prints how to join the site from another
+shell, and follows the scores and defects topics to show events as they happen. SIGINT or SIGTERM
+stops every child and prints the summary; with `exit_when_done` it stops once finite sources are
+fully captured and handled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
+import secrets
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.bus import TOPICS, create_topics, make_consumer, topic_name
 from pipeline.config import Settings
+from pipeline.embedded import _die_with_parent, free_port
 from pipeline.logging import get_logger
 from pipeline.replay.report import event_line
 from schemas import DefectEvent, ScoreMessage
 
 log = get_logger(__name__)
 
-WORKERS = ("capture", "score", "alert", "deliver")
+WORKERS = ("capture", "score", "alert", "deliver", "api")
+# Past this long without a first score, the console says what the scorer is still doing.
+FIRST_SCORE_NOTE_S = 5.0
+PROGRESS_EVERY_S = 15.0
+
+
+def default_data_dir() -> Path:
+    """$XDG_STATE_HOME/linewatch, else ~/.local/state/linewatch."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "linewatch"
+
+
+class Stopped(Exception):  # noqa: N818 (a request, not an error)
+    """SIGTERM (or SIGINT) asked the site to stop."""
 
 
 @dataclass
@@ -38,37 +60,89 @@ class Summary:
     frames: int = 0
     scores: int = 0
     events: int = 0
+    stale: int = 0
+    rejected: int = 0
     seconds: float = 0.0
     first_score_ts: float | None = None
     last_score_ts: float | None = None
     event_ids: set[str] = field(default_factory=set)
     scored: set[tuple[str, int]] = field(default_factory=set)
     latencies_ms: list[float] = field(default_factory=list)
+    # From the score worker's metrics: engine seconds and frames per batch.
+    scoring_s: float = 0.0
+    batches: int = 0
+    batch_frames: float = 0.0
+    deliveries: dict[str, int] = field(default_factory=dict)
+
+    capture_started_ts: float | None = None
 
     @property
     def frames_per_s(self) -> float:
-        if self.first_score_ts is None or self.last_score_ts is None or self.scores < 2:
+        """Scored frames per second from the start of capture to the last score."""
+        start = self.capture_started_ts or self.first_score_ts
+        if start is None or self.last_score_ts is None or not self.scores:
             return 0.0
-        return (self.scores - 1) / max(1e-9, self.last_score_ts - self.first_score_ts)
+        return self.scores / max(1e-3, self.last_score_ts - start)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition summed by metric name and by `name{outcome=...}` (enough here)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        out[name] = out.get(name, 0.0) + value
+        outcome = re.search(r'outcome="([^"]*)"', labels)
+        if outcome:
+            key = f"{name}{{outcome={outcome.group(1)}}}"
+            out[key] = out.get(key, 0.0) + value
+    return out
 
 
 class Site:
     def __init__(self, settings: Settings, config_file: str | None, replay_session: str | None = None,
-                 run_dir: str | None = None, out: TextIO = sys.stdout) -> None:
+                 run_dir: str | None = None, data_dir: str | Path | None = None, api: bool = True,
+                 out: TextIO = sys.stdout) -> None:
         self.settings = settings
-        self.config_file = config_file
+        self.config_file = str(Path(config_file).resolve()) if config_file else None
         self.replay_session = replay_session
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="linewatch-run-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # None: an embedded cache that keeps nothing (replay's embedded site); `run` passes a folder.
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.with_api = api
         self.out = out
         self.children: dict[str, subprocess.Popen] = {}
+        self.ports: dict[str, int] = {}
         self.summary = Summary()
+        self.started = time.time()
+        self._lock: IO[str] | None = None
+        self._stale_said = 0
+        self.stats_file: Path | None = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
 
     # -- infrastructure -------------------------------------------------------------------------
+    def lock_data_dir(self) -> None:
+        """One site per data folder: two caches on the same append-only file would corrupt it."""
+        if self.data_dir is None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = (self.data_dir / "site.lock").open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise ValueError(f"another `linewatch run` is using the data folder {self.data_dir}; "
+                             f"stop it or pass --data-dir") from None
+
     def start_infrastructure(self, stack: contextlib.ExitStack) -> dict[str, str]:
         from pipeline.embedded import EmbeddedBroker, EmbeddedRedis
 
@@ -76,39 +150,78 @@ class Site:
         if self.settings.kafka.bootstrap_servers is None:
             broker = stack.enter_context(EmbeddedBroker())
             self.settings.kafka.bootstrap_servers = broker.bootstrap_servers
-            self.say(f"embedded Kafka-compatible broker (tansu) at {broker.bootstrap_servers}")
+            self.say(f"embedded Kafka-compatible broker (tansu) at {broker.bootstrap_servers} "
+                     f"(in memory: topics start empty at every run)")
         if self.settings.redis.url is None:
-            cache = stack.enter_context(EmbeddedRedis())
+            cache = stack.enter_context(EmbeddedRedis(data_dir=self.data_dir / "cache" if self.data_dir else None))
             self.settings.redis.url = cache.url
-            self.say(f"embedded cache at {cache.url}")
+            if cache.data_dir is not None:
+                self.say(f"embedded cache at {cache.url} (kept in {cache.data_dir}: subscriptions, thresholds, "
+                         f"references and labels survive a restart)")
+            else:
+                self.say(f"embedded cache at {cache.url} (in memory)")
         env["LINEWATCH_KAFKA__BOOTSTRAP_SERVERS"] = self.settings.kafka.bootstrap_servers or ""
         env["LINEWATCH_REDIS__URL"] = self.settings.redis.url or ""
+        if self.config_file:
+            # Every child (and a joining shell) reads the same file: one setting means one thing.
+            env["LINEWATCH_CONFIG"] = self.config_file
         return env
+
+    def api_token(self) -> str:
+        """The configured token, else one kept in the data folder (so a bookmarked dashboard keeps working)."""
+        if self.settings.api.token:
+            return self.settings.api.token
+        if self.data_dir is None:
+            return secrets.token_urlsafe(24)
+        path = self.data_dir / "api-token"
+        with contextlib.suppress(OSError):
+            token = path.read_text().strip()
+            if token:
+                return token
+        token = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        return token
 
     def spawn(self, name: str, env: dict[str, str], extra: list[str]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "pipeline.cli"]
         if self.config_file:
-            cmd += ["--config", str(self.config_file)]
+            cmd += ["--config", self.config_file]
         cmd += [name, *extra]
         logfile = (self.run_dir / f"{name}.log").open("ab")
         child_env = {**os.environ, **env}
-        if self.settings.metrics.port is not None:
+        if name in self.ports:
+            child_env["LINEWATCH_METRICS__PORT"] = str(self.ports[name])
+        elif self.settings.metrics.port is not None and name != "api":
             child_env["LINEWATCH_METRICS__PORT"] = str(self.settings.metrics.port + WORKERS.index(name))
-        proc = subprocess.Popen(cmd, env=child_env, stdout=logfile, stderr=subprocess.STDOUT)
+        # Own process group: a signal for the site reaches the child only through stop_children,
+        # in order; PDEATHSIG ends the child if the site is killed outright.
+        proc = subprocess.Popen(cmd, env=child_env, stdout=logfile, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         logfile.close()
         return proc
 
     def stop_children(self, timeout_s: float = 20.0) -> None:
-        for proc in self.children.values():
+        # Capture first (no new frames), the api last (it shows what the others finish).
+        order = [n for n in ("capture", "score", "alert", "deliver", "api") if n in self.children]
+        for name in order:
+            proc = self.children[name]
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGINT)
         deadline = time.monotonic() + timeout_s
-        for proc in self.children.values():
+        for name in order:
+            proc = self.children[name]
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             if proc.poll() is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            # Anything the worker itself started lives in its group: make sure it is gone too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def warn_random_weights(self) -> None:
         if self.settings.engine.pretrained == "random":
@@ -118,83 +231,232 @@ class Site:
                      f"!! open_clip tag (laion400m_e31) or a checkpoint file for real inspection.\n{bar}")
 
     def dead_worker(self) -> str | None:
-        """Why a long-running child has exited, if one has."""
+        """Why a long-running child has exited, if one has (with the last line of its log)."""
         for name, proc in self.children.items():
             code = proc.poll()
             if code is not None and not (name == "capture" and code == 0):
-                return f"worker {name} exited with status {code}; see {self.run_dir / (name + '.log')}"
+                logfile = self.run_dir / f"{name}.log"
+                return f"worker {name} exited with status {code}: {_last_error(logfile)} (log: {logfile})"
         return None
+
+    # -- probes ---------------------------------------------------------------------------------
+    def _get(self, port: int, path: str, timeout_s: float = 2.0) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as resp:
+                return resp.status, resp.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return 0, ""
+
+    def metrics(self, name: str) -> dict[str, float]:
+        port = self.ports.get(name)
+        if port is None or name not in self.children or self.children[name].poll() is not None:
+            return {}
+        status, body = self._get(port, "/metrics")
+        return parse_metrics(body) if status == 200 else {}
+
+    def wait_for_scorer(self) -> None:
+        """Capture starts once the scorer has loaded its model and joined its group, so the first
+        frames measure scoring, not model loading, and a live source's frames are not stale on arrival."""
+        t0 = time.monotonic()
+        self.say("loading model… (score worker; capture starts when it is ready)")
+        last_note = t0
+        while True:
+            problem = self.dead_worker()
+            if problem:
+                raise _WorkerDiedError(problem)
+            status, body = self._get(self.ports["score"], "/readyz")
+            if status == 200:
+                break
+            if time.monotonic() - last_note >= PROGRESS_EVERY_S:
+                last_note = time.monotonic()
+                failing: dict[str, str] = {}
+                with contextlib.suppress(ValueError, AttributeError):
+                    failing = dict(json.loads(body).get("failing", {}))
+                # The loop starts after the model: "not started" adds nothing while it loads.
+                failing.pop("loop", None)
+                doing = "loading the model and preparing the cameras' classes" if failing.pop(
+                    "model_loaded", None) or not failing else "waiting for the scorer"
+                others = "; ".join(f"{k}: {v}" for k, v in failing.items())
+                self.say(f"still {doing} ({time.monotonic() - t0:.0f}s){'; ' + others if others else ''}")
+            time.sleep(0.3)
+        self.say(f"scorer ready (model loaded) in {time.monotonic() - t0:.1f}s; starting capture")
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self, exit_when_done: bool = False) -> int:
-        started = time.time()
+        self.started = time.time()
+        self.lock_data_dir()
         self.warn_random_weights()
-        with contextlib.ExitStack() as stack:
-            env = self.start_infrastructure(stack)
-            create_topics(self.settings.kafka, TOPICS)
-            stats_file = self.run_dir / "capture-stats.json"
-            stats_file.unlink(missing_ok=True)
-            capture_args = ["--stats-file", str(stats_file)]
-            if self.replay_session:
-                capture_args += ["--replay-session", self.replay_session]
-            # Scorer and alerter first: the scorer needs its model loaded before frames pile up.
-            self.children["score"] = self.spawn("score", env, [])
-            self.children["alert"] = self.spawn("alert", env, [])
-            # Subscriptions live in Redis: with a configured (not embedded) Redis they are served too.
-            self.children["deliver"] = self.spawn("deliver", env, [])
-            self.children["capture"] = self.spawn("capture", env, capture_args)
-            self.say(f"workers started: {', '.join(f'{n} (pid {p.pid})' for n, p in self.children.items())}; "
-                     f"logs in {self.run_dir}")
-            stack.callback(self.stop_children)
-            try:
-                code = self._follow(stats_file, exit_when_done)
-            except KeyboardInterrupt:
-                self.say("interrupted: stopping workers")
-                code = 130
-        self.summary.seconds = time.time() - started
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum: int, _frame: object) -> None:
+            # Further signals while stopping are ignored: the shutdown below is already under way.
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            raise Stopped(signal.Signals(signum).name)
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+        code = 0
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    env = self.start_infrastructure(stack)
+                    create_topics(self.settings.kafka, TOPICS)
+                    # Every worker serves /metrics and /readyz: the site waits on and reads them.
+                    base = self.settings.metrics.port
+                    self.ports = {n: (base + WORKERS.index(n) if base is not None else free_port())
+                                  for n in WORKERS if n != "api"}
+                    consumer = self._results_consumer()
+                    stack.callback(consumer.close)
+                    # After the workers stop (callbacks run last-in first-out): the scores and events
+                    # of their last batch, before the broker goes.
+                    stack.callback(self._drain, consumer)
+                    stack.callback(self.stop_children)
+                    self.children["score"] = self.spawn("score", env, [])
+                    self.children["alert"] = self.spawn("alert", env, [])
+                    self.children["deliver"] = self.spawn("deliver", env, [])
+                    if self.with_api:
+                        self.start_api(env)
+                    self.print_join(env)
+                    self.wait_for_scorer()
+                    stats_file = self.stats_file = self.run_dir / "capture-stats.json"
+                    stats_file.unlink(missing_ok=True)
+                    capture_args = ["--stats-file", str(stats_file)]
+                    if self.replay_session:
+                        capture_args += ["--replay-session", self.replay_session]
+                    self.children["capture"] = self.spawn("capture", env, capture_args)
+                    self.summary.capture_started_ts = time.time()
+                    self.say(f"workers started: "
+                             f"{', '.join(f'{n} (pid {p.pid})' for n, p in self.children.items())}; "
+                             f"logs in {self.run_dir}")
+                    code = self._follow(consumer, stats_file, exit_when_done)
+                except (KeyboardInterrupt, Stopped) as exc:
+                    self.say(f"{exc or 'SIGINT'}: stopping workers…")
+                    code = 130
+                except _WorkerDiedError as exc:
+                    self.say(str(exc))
+                    code = 1
+                finally:
+                    # While the workers still answer: what they counted that the topics do not show.
+                    self._collect_metrics()
+        except (KeyboardInterrupt, Stopped):
+            code = 130
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self._lock is not None:
+                self._lock.close()
+        self.summary.seconds = time.time() - self.started
         self._print_summary()
         return code
 
-    def _follow(self, stats_file: Path, exit_when_done: bool) -> int:
+    def start_api(self, env: dict[str, str]) -> None:
+        api = self.settings.api
+        token = self.api_token()
+        env["LINEWATCH_API__TOKEN"] = token
+        env["LINEWATCH_API__HOST"] = api.host
+        env["LINEWATCH_API__PORT"] = str(api.port)
+        self.children["api"] = self.spawn("api", env, [])
+        host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+        self.say(f"dashboard: http://{host}:{api.port}/?token={token}  (API listening on {api.host}:{api.port})")
+
+    def print_join(self, env: dict[str, str]) -> None:
+        names = ["LINEWATCH_CONFIG", "LINEWATCH_KAFKA__BOOTSTRAP_SERVERS", "LINEWATCH_REDIS__URL",
+                 "LINEWATCH_API__TOKEN"]
+        lines = [f"export {n}={shlex.quote(env[n])}" for n in names if env.get(n)]
+        how = ""
+        if self.data_dir is not None:
+            site_env = self.data_dir / "site.env"
+            with contextlib.suppress(OSError):
+                fd = os.open(site_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write("\n".join(lines) + "\n")
+                how = f"run `. {site_env}` or"
+        self.say(f"to join this site from another shell (`linewatch subscriptions ...`, `linewatch calibrate`), "
+                 f"{how or 'run'}:\n" + "\n".join(f"  {ln}" for ln in lines))
+
+    def _results_consumer(self) -> KafkaConsumer:
         kafka = self.settings.kafka
         consumer = make_consumer(kafka, None, [])
         tps = [TopicPartition(topic_name(kafka, t), p) for t in ("scores", "defects")
                for p in sorted(consumer.partitions_for_topic(topic_name(kafka, t)) or [])]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        scores_topic = topic_name(kafka, "scores")
+        return consumer
+
+    def _poll(self, consumer: KafkaConsumer, timeout_ms: int) -> int:
+        scores_topic = topic_name(self.settings.kafka, "scores")
+        n = 0
+        for tp, records in consumer.poll(timeout_ms=timeout_ms).items():
+            for rec in records:
+                n += 1
+                if tp.topic == scores_topic:
+                    self._on_score(rec.value)
+                else:
+                    self._on_event(rec.value)
+        return n
+
+    def _drain(self, consumer: KafkaConsumer, quiet_s: float = 1.5, max_s: float = 10.0) -> None:
+        """Read what the stopped workers produced last, until the topics are quiet."""
+        deadline = time.monotonic() + max_s
+        quiet_since = time.monotonic()
+        with contextlib.suppress(Exception):  # the broker may be gone; the summary then says less
+            while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+                if self._poll(consumer, 300):
+                    quiet_since = time.monotonic()
+        if not self.summary.frames and self.stats_file is not None and self.stats_file.is_file():
+            # Stopped before capture finished: capture wrote its counts on the way out.
+            with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+                stats = json.loads(self.stats_file.read_text())
+                self.summary.frames = sum(s["published"] for s in stats.values())
+
+    def _follow(self, consumer: KafkaConsumer, stats_file: Path, exit_when_done: bool) -> int:
         captured: int | None = None
         done_since: float | None = None
         grace = self.settings.alert.quiet_s + 3.0
-        try:
-            while True:
-                for tp, records in consumer.poll(timeout_ms=500).items():
-                    for rec in records:
-                        if tp.topic == scores_topic:
-                            self._on_score(rec.value)
-                        else:
-                            self._on_event(rec.value)
-                problem = self.dead_worker()
-                if problem:
-                    self.say(problem)
-                    return 1
-                if captured is None and self.children["capture"].poll() == 0 and stats_file.is_file():
-                    stats = json.loads(stats_file.read_text())
-                    captured = sum(s["published"] for s in stats.values())
-                    self.summary.frames = captured
-                    self.say(f"capture finished: {captured} frames published")
-                if not exit_when_done or captured is None:
-                    continue
-                if len(self.summary.scored) >= captured:
-                    done_since = done_since or time.monotonic()
-                    # Let alerting close the last event after its quiet period.
-                    if time.monotonic() - done_since > grace:
-                        return 0
-        finally:
-            consumer.close()
+        next_metrics = time.monotonic() + 5.0
+        capture_started = time.monotonic()
+        noted_join = False
+        while True:
+            self._poll(consumer, 500)
+            problem = self.dead_worker()
+            if problem:
+                self.say(problem)
+                return 1
+            if not noted_join and not self.summary.scores and \
+                    time.monotonic() - capture_started > FIRST_SCORE_NOTE_S:
+                noted_join = True
+                # Frames are not lost meanwhile: a new group reads the topic from its start.
+                self.say("waiting for consumer group join… (the scorer's first batch; frames wait in the topic)")
+            if time.monotonic() >= next_metrics or (captured is not None and exit_when_done):
+                next_metrics = time.monotonic() + 5.0
+                self._collect_metrics()
+            if captured is None and self.children["capture"].poll() == 0 and stats_file.is_file():
+                stats = json.loads(stats_file.read_text())
+                captured = sum(s["published"] for s in stats.values())
+                self.summary.frames = captured
+                self.say(f"capture finished: {captured} frames published")
+            if not exit_when_done or captured is None:
+                continue
+            handled = len(self.summary.scored) + self.summary.stale + self.summary.rejected
+            if handled >= captured:
+                done_since = done_since or time.monotonic()
+                # Let alerting close the last event after its quiet period.
+                if time.monotonic() - done_since > grace:
+                    return 0
+
+    def _mine(self, replay_session: str | None, ts: float) -> bool:
+        """Only this run's frames and events: topics and the cache may hold earlier runs'."""
+        if self.replay_session is not None:
+            return replay_session == self.replay_session
+        return replay_session is None and ts >= self.started - 1.0
 
     def _on_score(self, value: bytes) -> None:
         msg = ScoreMessage.model_validate_json(value)
+        if not self._mine(msg.frame.replay_session, msg.frame.capture_ts):
+            return
         key = (msg.frame.camera_id, msg.frame.seq)
         if key in self.summary.scored:
             return  # redelivered score
@@ -207,15 +469,77 @@ class Site:
 
     def _on_event(self, value: bytes) -> None:
         ev = DefectEvent.model_validate_json(value)
+        if not self._mine(ev.replay_session, ev.last_ts):
+            return
         self.summary.event_ids.add(ev.event_id)
         self.summary.events = len(self.summary.event_ids)
         self.say(event_line(ev))
+
+    def _collect_metrics(self) -> None:
+        s = self.summary
+        score = self.metrics("score")
+        if score:
+            s.stale = int(score.get("linewatch_frames_stale_total", s.stale))
+            s.rejected = int(score.get("linewatch_dlq_total", s.rejected))
+            s.scoring_s = score.get("linewatch_scoring_seconds_sum", s.scoring_s)
+            s.batches = int(score.get("linewatch_scoring_seconds_count", s.batches))
+            s.batch_frames = score.get("linewatch_batch_size_sum", s.batch_frames)
+        if s.stale > self._stale_said:
+            self._stale_said = s.stale
+            self.say(f"{s.stale} frames skipped as stale so far: captured more than scoring.staleness_s="
+                     f"{self.settings.scoring.staleness_s}s before the scorer reached them "
+                     f"(scorer too slow for the frame rate, clocks apart, or old timestamps)")
+        deliver = self.metrics("deliver")
+        if deliver:
+            s.deliveries = {k.split("outcome=", 1)[1].rstrip("}"): int(v) for k, v in deliver.items()
+                            if k.startswith("linewatch_deliveries_total{")}
 
     def _print_summary(self) -> None:
         s = self.summary
         lat = sorted(s.latencies_ms)
         p50 = lat[len(lat) // 2] if lat else 0.0
         p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))] if lat else 0.0
-        self.say(f"summary: frames={s.frames} scores={s.scores} events={s.events} "
-                 f"frames/s={s.frames_per_s:.2f} latency_ms p50={p50:.0f} p95={p95:.0f} "
-                 f"wall={s.seconds:.1f}s")
+        self.say(f"summary: frames={s.frames} scores={s.scores} events={s.events} stale={s.stale} "
+                 f"rejected={s.rejected} frames/s={s.frames_per_s:.2f} wall={s.seconds:.1f}s")
+        if s.batches:
+            per_batch = 1000 * s.scoring_s / s.batches
+            per_frame = per_batch / max(1.0, s.batch_frames / s.batches)
+            self.say(f"  latency_ms (capture to score) p50={p50:.0f} p95={p95:.0f}: scoring {per_batch:.0f} ms per "
+                     f"batch of {s.batch_frames / s.batches:.1f} frames ({per_frame:.0f} ms/frame), queue wait "
+                     f"p50≈{max(0.0, p50 - per_batch):.0f} ms")
+        else:
+            self.say(f"  latency_ms (capture to score) p50={p50:.0f} p95={p95:.0f}")
+        if s.stale:
+            self.say(f"  {s.stale} frames were skipped as stale (older than scoring.staleness_s="
+                     f"{self.settings.scoring.staleness_s}s when the scorer reached them); see score.log")
+        if s.rejected:
+            self.say(f"  {s.rejected} frames went to the dead-letter topic "
+                     f"({topic_name(self.settings.kafka, 'dlq')}); see score.log")
+        d = s.deliveries
+        if d:
+            self.say(f"  deliveries: delivered={d.get('delivered', 0)} dead-lettered={d.get('failed', 0)} "
+                     f"retried={d.get('retry', 0)} coalesced={d.get('coalesced', 0)}"
+                     + ("; see `linewatch subscriptions dead-letters ID`" if d.get("failed") else ""))
+        else:
+            self.say("  deliveries: none (no subscription matched, or none configured)")
+
+
+class _WorkerDiedError(Exception):
+    """A worker exited while the site waited for it."""
+
+
+def _last_error(logfile: Path) -> str:
+    """The most telling line of a worker log: its last error message, not a whole traceback."""
+    try:
+        lines = logfile.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        text = line.strip()
+        if text.startswith("linewatch ") and ": error: " in text:
+            return text.split(": error: ", 1)[1]
+        with contextlib.suppress(ValueError, AttributeError):
+            rec = json.loads(text)
+            if rec.get("level") in ("error", "critical") or rec.get("exception"):
+                return str(rec.get("error") or rec.get("event"))[:300]
+    return lines[-1][:300] if lines else "empty log"

@@ -345,7 +345,8 @@ def test_linewatch_run_replays_a_folder_on_embedded_infrastructure(shared_data: 
     # A broker or cache configured in the test's own environment must not leak into the site.
     env = clean_env()
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(cfg), "run", "--replay",
-                           "--exit-when-done", "--run-dir", str(run_dir)],
+                           "--exit-when-done", "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "data"),
+                           "--no-api"],
                           capture_output=True, text=True, timeout=150, env=env)
     logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in run_dir.glob("*.log"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
@@ -362,11 +363,12 @@ def test_linewatch_run_stops_cleanly_on_ctrl_c(shared_data: Path, tmp_path: Path
     cfg.write_text("engine: {backbone: ViT-S-32, pretrained: random, precision: fp32}\n"
                    f"cameras:\n  - {{id: cam-1, product_class: {CLASS}, source: '{stream}', fps: 2, loop: true}}\n")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--config", str(cfg), "run", "--run-dir",
-                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--no-api"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=clean_env(), start_new_session=True)
     assert proc.stdout is not None
     lines: list[str] = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # the model loads before capture (and this line) starts
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         lines.append(line)

@@ -87,9 +87,12 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
         model_loaded = health.add_flag("model_loaded", "model not loaded yet")
     if engine is None:
         engine = AnomalyEngine(settings.engine, settings.llm, cache=make_prompt_cache(settings))
+    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot)
+    # The configured cameras' classes (prompts, references) before readiness: `linewatch run` starts
+    # capture on /readyz, so the first frames measure scoring, not preparation.
+    stage.prepare_classes(c.product_class for c in settings.cameras)
     if model_loaded is not None:
         model_loaded.set()
-    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot)
     try:
         # Output topics with the configured partitions; left to broker auto-creation they would get
         # the broker's default count (or not exist at all where auto-creation is off).

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.config import CameraConfig, CaptureSettings
+from pipeline.config import CameraConfig, CaptureSettings, ConfigError
 from pipeline.imaging import FrameDecodeError, read_image
 from pipeline.logging import get_logger
 from pipeline.metrics import FRAMES_DROPPED
@@ -134,11 +134,15 @@ class ImageFolderSource(FrameSource):
         loop: bool = False,
         *,
         realtime: bool = False,
+        restamp: bool = False,
         stop: threading.Event | None = None,
         camera_id: str = "-",
     ) -> None:
         super().__init__(stop=stop, camera_id=camera_id)
         self.path = Path(path)
+        # Played as a live camera: frames carry the time they are emitted, not the recorded time
+        # (a months-old capture time would make every frame stale for live scoring).
+        self.restamp = restamp
         self.fps = fps
         self.loop = loop
         self.realtime = realtime
@@ -199,7 +203,8 @@ class ImageFolderSource(FrameSource):
                         return
                 if not limiter.wait(self.stop):
                     return
-                ts = entry.capture_ts + passes * span if entry.capture_ts is not None else time.time()
+                recorded = entry.capture_ts if not self.restamp else None
+                ts = time.time() if recorded is None else recorded + passes * span
                 emitted += 1
                 yield rgb, ts
             if emitted == 0:
@@ -362,8 +367,12 @@ class LiveSource(FrameSource):
             delay = min(delay * 2, self.reconnect_max_s)
 
 
-def open_source(camera: CameraConfig, capture: CaptureSettings, stop: threading.Event) -> FrameSource:
-    """Pick a source by the camera source string: digits: device, URL: live, dir: folder, file: video."""
+def open_source(camera: CameraConfig, capture: CaptureSettings, stop: threading.Event, *,
+                live: bool = False) -> FrameSource:
+    """Pick a source by the camera source string: digits: device, URL: live, dir: folder, file: video.
+
+    ``live``: the frames feed live monitoring, so a recorded folder is stamped with the present.
+    """
     src = camera.source.strip()
     if src.isdigit():
         return LiveSource(int(src), fps=camera.fps, reconnect_initial_s=capture.reconnect_initial_s,
@@ -378,9 +387,33 @@ def open_source(camera: CameraConfig, capture: CaptureSettings, stop: threading.
         )
     path = Path(src).expanduser()
     if path.is_dir():
-        return ImageFolderSource(path, fps=camera.fps, loop=camera.loop, stop=stop, camera_id=camera.id)
+        return ImageFolderSource(path, fps=camera.fps, loop=camera.loop, restamp=live, stop=stop,
+                                 camera_id=camera.id)
     if path.is_file():
         return VideoFileSource(path, loop=camera.loop, fps=camera.fps, stop=stop, camera_id=camera.id)
     raise SourceError(
-        f"camera {camera.id}: source {src!r} is not a device index, rtsp/http URL, directory or file"
+        f"camera {camera.id}: source {src!r} does not exist (it is not a device index, rtsp/http URL, "
+        f"directory or file)"
     )
+
+
+def check_sources(cameras: list[CameraConfig]) -> None:
+    """Fail before anything starts when a camera's file or folder source is not there.
+
+    Live URLs and device indexes are not probed (cameras come and go; capture reconnects).
+    """
+    for camera in cameras:
+        src = camera.source.strip()
+        if src.isdigit() or src.lower().startswith(LIVE_SCHEMES):
+            continue
+        if "://" in src:
+            raise ConfigError(f"camera {camera.id}: unsupported URL scheme in {src!r} "
+                              f"(supported: {', '.join(LIVE_SCHEMES)})")
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise ConfigError(f"camera {camera.id}: source {src} does not exist "
+                              f"(relative paths are read from the config file's folder)")
+        if path.is_dir() and not (path / INDEX_FILE).is_file() and not any(
+                p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+            raise ConfigError(f"camera {camera.id}: source folder {src} holds no images "
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))}) and no {INDEX_FILE}")

@@ -88,7 +88,8 @@ class CaptureStage:
         self._log = get_logger(__name__).bind(camera=camera.id)
 
     def open(self, stop: threading.Event) -> FrameSource:
-        return open_source(self.camera, self.settings, stop)
+        # Live capture stamps a recorded folder with the present; a replay keeps its recorded times.
+        return open_source(self.camera, self.settings, stop, live=self.replay_session is None)
 
     def run(self, stop: threading.Event, max_frames: int | None = None) -> CaptureStats:
         """Capture until the source ends, ``stop`` is set, or ``max_frames`` were captured.

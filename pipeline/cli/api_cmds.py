@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipeline.cli import CommandError
 from pipeline.config import Settings, load_settings
@@ -27,8 +28,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_api(args: argparse.Namespace) -> int:
     from pipeline.api.app import serve  # web framework imports only for this command
 
+    settings = _settings(args)
+    api = settings.api
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+    sys.stdout.write(f"dashboard: http://{host}:{api.port}/?token={api.token}  "
+                     f"(listening on {api.host}:{api.port}; api.host 0.0.0.0 serves other machines)\n")
+    sys.stdout.flush()
     # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown); the ingest loop stops after it.
-    serve(_settings(args))
+    serve(settings)
     return 0
 
 

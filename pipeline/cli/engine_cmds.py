@@ -158,7 +158,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "seconds_per_image"):
         value = metrics[key]
         sys.stdout.write(f"{key:<20}{value:.4f}\n" if isinstance(value, float) else f"{key:<20}{value}\n")
-    sys.stdout.write(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'overlays'}/\n")
+    if metrics.get("warning"):
+        sys.stdout.write(f"WARNING: {metrics['warning']}\n")
+    sys.stdout.write(f"wrote {Path(args.out) / 'metrics.json'} and {metrics['n_overlays']} overlays (a sample of "
+                     f"{metrics['n_images']} images, normal and anomalous) in {Path(args.out) / 'overlays'}/\n")
     return 0
 
 
@@ -174,7 +177,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     engine_cfg = engine_settings(args, settings)
     if settings.redis.url is None:
-        raise CommandError("calibrate needs a Redis URL (LINEWATCH_REDIS__URL)")
+        raise CommandError("calibrate stores the threshold in Redis and none is configured: set "
+                           "LINEWATCH_REDIS__URL, or join a running `linewatch run` with the export lines it prints")
     folder = Path(args.images)
     if not folder.is_dir():
         raise CommandError(f"not a folder: {folder}")

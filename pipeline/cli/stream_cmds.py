@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -59,10 +60,15 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if settings.redis.url and not (args.camera or args.replay_session or args.stats_file):
-        # Managed: the Redis camera registry, shared with other capture workers through leases.
+        # Managed: the Redis camera registry, shared with other capture workers through leases. A
+        # camera whose source is missing is that camera's error (reopened with backoff), not the worker's.
         with worker_health(settings) as health:
             run_managed_capture(settings, stop_on_signals(), health=health)
         return 0
+    from pipeline.capture.sources import check_sources
+    from workers.capture import select_cameras
+
+    check_sources(select_cameras(settings, args.camera or None))
     with worker_health(settings) as health:
         stats = run_capture(settings, args.camera or None, stop_on_signals(), replay_session=args.replay_session,
                             health=health)
@@ -101,17 +107,47 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"api.port {port} on {host} is not free ({exc.strerror}): pass --api-port N, "
+                             f"set api.port, or --no-api") from None
+
+
+def check_site(settings: Settings) -> None:
+    """What `run` can check before starting anything: cameras, their sources, the weights."""
+    from pipeline.capture.sources import check_sources
+
+    if not settings.cameras:
+        raise ValueError("no cameras configured: add a `cameras:` list to the config file")
+    check_sources(settings.cameras)
+    engine = settings.engine
+    if engine.pretrained != "random" and not Path(engine.pretrained).is_file():
+        from pipeline.engine.weights import check_tag_available
+
+        check_tag_available(engine.backbone, engine.pretrained,
+                            str(engine.cache_dir) if engine.cache_dir else None)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.site import Site
+    from pipeline.site import Site, default_data_dir
 
     if args.log_level is None:
         # The site prints events and a summary; worker logs go to files in the run folder.
         configure_logging("warning")
     settings = load_settings(args.config)
-    if not settings.cameras:
-        raise ValueError("no cameras configured: add a `cameras:` list to the config file")
+    if args.api_port is not None:
+        settings.api.port = args.api_port
+    check_site(settings)
+    if not args.no_api:
+        _check_port_free(settings.api.host, settings.api.port)
     replay = f"replay-{uuid.uuid4().hex[:8]}" if args.replay else None
-    site = Site(settings, config_file=args.config, replay_session=replay, run_dir=args.run_dir)
+    site = Site(settings, config_file=args.config or os.environ.get("LINEWATCH_CONFIG"), replay_session=replay,
+                run_dir=args.run_dir, data_dir=args.data_dir or default_data_dir(), api=not args.no_api)
     return site.run(exit_when_done=args.exit_when_done)
 
 
@@ -123,6 +159,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-when-done", action="store_true",
                    help="stop once finite sources are captured, scored and alerted, then print a summary")
     p.add_argument("--run-dir", default=None, help="where worker logs go (default: a temp folder)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the embedded cache keeps subscriptions, thresholds and references across restarts "
+                        "(default: $XDG_STATE_HOME/linewatch or ~/.local/state/linewatch)")
+    p.add_argument("--api-port", type=int, default=None, help="dashboard/API port (default: api.port, 8080)")
+    p.add_argument("--no-api", action="store_true", help="do not start the API and dashboard")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("capture", help="capture the registry's cameras, shared with other capture workers (with "

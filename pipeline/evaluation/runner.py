@@ -51,6 +51,17 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, vmin: 
     return out
 
 
+def label_random(picture: np.ndarray) -> None:
+    """Stamp "RANDOM WEIGHTS" on an overlay: a picture travels without the table that explains it."""
+    h, w = picture.shape[:2]
+    scale = max(0.35, min(w, h) / 400)
+    thickness = max(1, round(scale * 2))
+    text = "RANDOM WEIGHTS - meaningless"
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    cv2.rectangle(picture, (0, 0), (min(w, tw + 8), th + base + 8), (0, 0, 0), -1)
+    cv2.putText(picture, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 64, 64), thickness, cv2.LINE_AA)
+
+
 def overlay_sample(labels: list[int], n: int) -> set[int]:
     """Indices of about n items spread evenly over each label, half normal and half anomalous."""
     by_label = {lab: [i for i, v in enumerate(labels) if v == lab] for lab in (0, 1)}
@@ -129,7 +140,11 @@ def evaluate(engine: AnomalyEngine, items: list[EvalItem], product_class: str, o
         "pretrained": engine.settings.pretrained,
         "precision": engine.precision.name,
         "k_shot": engine.k_shot(product_class),
+        "n_overlays": len(kept),
     }
+    random_weights = engine.settings.pretrained == "random"
+    if random_weights:
+        metrics["warning"] = "random weights (engine.pretrained: random): these metrics and overlays mean nothing"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
@@ -141,6 +156,8 @@ def evaluate(engine: AnomalyEngine, items: list[EvalItem], product_class: str, o
     used: set[str] = set()
     for item, image, amap, mask in kept:
         picture = overlay(image, amap, mask, vmin, vmax)
+        if random_weights:
+            label_random(picture)
         # MVTec reuses file names across defect folders (000.png); the defect prefix keeps both.
         name = item.path.stem if item.path.stem not in used else f"{item.defect}_{item.path.stem}"
         used.add(name)

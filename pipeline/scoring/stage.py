@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,14 @@ class ScoringStage:
         return limit is not None and header.replay_session is None and self.clock() - header.capture_ts > limit
 
     # -- scoring ------------------------------------------------------------------------------
+    def prepare_classes(self, product_classes: Iterable[str]) -> None:
+        """Prepare classes ahead of their first frame (prompts, references); a failure is left to scoring."""
+        for product_class in sorted(set(product_classes)):
+            try:
+                self._ensure_class(product_class)
+            except Exception as exc:
+                log.warning("class_prepare_failed", product_class=product_class, error=_first_line(exc))
+
     def _ensure_class(self, product_class: str) -> None:
         if product_class in self._classes:
             return
