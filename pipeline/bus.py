@@ -21,20 +21,22 @@ from kafka.producer.future import FutureRecordMetadata
 from pipeline.config import KafkaSettings
 from pipeline.logging import get_logger
 from pipeline.metrics import CONSUMER_LAG, DLQ_RECORDS, FRAMES_DROPPED, FRAMES_PUBLISHED
+from pipeline.runtime.envelope import Envelope
+from pipeline.runtime.policy import DLQ_HEADER_KEY, dead_letter_copy, reason_code
+from pipeline.runtime.topics import LIVE_TOPICS, full_name
 from schemas import DeadLetter
 
 log = get_logger(__name__)
 
-TOPICS: tuple[str, ...] = ("frames", "scores", "defects", "dlq")
-DLQ_HEADER_KEY = "linewatch-dlq"
+TOPICS: tuple[str, ...] = LIVE_TOPICS
 Headers = list[tuple[str, bytes]]
 
 _TOPIC_ALREADY_EXISTS = 36
 
 
 def topic_name(kafka: KafkaSettings, name: str) -> str:
-    """Full topic name; idempotent so callers may pass either form."""
-    return name if name.startswith(f"{kafka.topic_prefix}.") else kafka.topic(name)
+    """Full topic name; idempotent so callers may pass either form (``pipeline.runtime.topics``)."""
+    return full_name(kafka, name)
 
 
 # -- topics and clients -------------------------------------------------------------------------
@@ -153,25 +155,22 @@ def close_clients(consumer: KafkaConsumer, producer: KafkaProducer | None, worke
 
 # -- dead letters -------------------------------------------------------------------------------
 def send_dead_letter(
-    producer: KafkaProducer, kafka: KafkaSettings, record: ConsumerRecord, reason: str, stage: str
+    producer: KafkaProducer, kafka: KafkaSettings, record: ConsumerRecord | Envelope, reason: str, stage: str
 ) -> FutureRecordMetadata:
-    """Divert ``record`` unchanged to the DLQ with a ``linewatch-dlq`` header explaining why.
+    """Divert ``record`` to the DLQ with a ``linewatch-dlq`` header explaining why.
 
+    The copy always fits the producer's request limit: a large value is cut and the header records
+    the original size and sha256 (``pipeline.runtime.policy.dead_letter_copy``).
     ``reason`` should start with a short code ("bad_header: ..."); the metric label keeps only the
     part before the first colon so free text cannot explode label cardinality.
     Returns the send future: wait on it before committing the source offset.
     """
-    key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else record.key
-    letter = DeadLetter(
-        reason=reason, stage=stage, source_topic=record.topic, source_partition=record.partition,
-        source_offset=record.offset, key=key, ts=time.time(),
-    )
-    headers = [(k, v) for k, v in (record.headers or []) if k != DLQ_HEADER_KEY]
-    headers.append((DLQ_HEADER_KEY, letter.model_dump_json().encode()))
-    future = producer.send(topic_name(kafka, "dlq"), key=record.key, value=record.value, headers=headers)
-    DLQ_RECORDS.labels(stage=stage, reason=reason.split(":", 1)[0].strip()[:64]).inc()
-    log.warning("dead_letter", stage=stage, reason=reason, topic=record.topic,
-                partition=record.partition, offset=record.offset, key=key)
+    env = record if isinstance(record, Envelope) else Envelope.from_record(record)
+    value, headers = dead_letter_copy(env, reason, stage, kafka.max_message_bytes)
+    future = producer.send(topic_name(kafka, "dlq"), key=env.key, value=value, headers=list(headers))
+    DLQ_RECORDS.labels(stage=stage, reason=reason_code(reason)).inc()
+    log.warning("dead_letter", stage=stage, reason=reason[:300], topic=env.topic,
+                partition=env.partition, offset=env.offset, key=env.key_text, size=env.size)
     return future
 
 
