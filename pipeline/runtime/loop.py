@@ -94,6 +94,9 @@ class Stage:
         None: the runtime commits every handled batch."""
         return None
 
+    def on_stop(self) -> None:
+        """The loop ended: settle what can be settled before the final commit."""
+
     def busy(self) -> bool:
         """True pauses fetching (the stage has too much in flight)."""
         return False
@@ -160,8 +163,10 @@ class _Pending:
 
 class StreamRuntime:
     def __init__(self, kafka: KafkaSettings, config: RuntimeConfig, stage: Stage, *,
-                 health: Health | None = None, stop: threading.Event | None = None) -> None:
+                 health: Health | None = None, stop: threading.Event | None = None,
+                 beat: Callable[[], None] | None = None) -> None:
         self.kafka = kafka
+        self._beat_fn = beat
         self.config = config
         self.stage = stage
         self.health = health
@@ -228,8 +233,8 @@ class StreamRuntime:
             names.append("dlq")
         while not self.stop.is_set():
             try:
-                if self.config.group_id is not None or self.config.output_topics:
-                    create_topics(self.kafka, names=tuple(dict.fromkeys(names)))
+                # Topics with the configured partitions, not the broker's auto-creation default.
+                create_topics(self.kafka, names=tuple(dict.fromkeys(names)))
                 self._consumer = self._make_consumer()
                 if self.config.producer:
                     self._producer = make_producer(self.kafka)
@@ -242,8 +247,7 @@ class StreamRuntime:
 
     def step(self) -> int:
         """One iteration: settle, poll, decode, handle, produce, commit. Returns records handled."""
-        if self.health is not None:
-            self.health.beat()
+        self._beat()
         if self._consumer is None:
             self.start()
             if self._consumer is None:
@@ -262,6 +266,10 @@ class StreamRuntime:
         """Commit what is acknowledged, then close the clients (never raises)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.stage.on_stop()
+        except Exception as exc:
+            self.log.warning("stage_on_stop_failed", error=first_line(exc))
         try:
             self._commit()
         except Exception as exc:
@@ -656,6 +664,12 @@ class StreamRuntime:
             return False
         return time.monotonic() - self._last_record >= limit
 
+    def _beat(self) -> None:
+        if self.health is not None:
+            self.health.beat()
+        if self._beat_fn is not None:
+            self._beat_fn()
+
     def _readiness(self) -> None:
         if self._degraded is not None:
             raise RuntimeError(self._degraded)
@@ -674,8 +688,7 @@ class StreamRuntime:
         self.log.warning("stream_waiting", what=what, reason=reason[:300], retry_in_s=round(delay, 2))
         end = time.monotonic() + delay
         while not self.stop.is_set() and time.monotonic() < end:
-            if self.health is not None:
-                self.health.beat()
+            self._beat()
             self.stop.wait(min(0.5, max(0.0, end - time.monotonic())))
 
 
