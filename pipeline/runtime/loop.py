@@ -124,6 +124,7 @@ class RuntimeConfig:
     ack_timeout_s: float = 30.0
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
     producer: bool = True  # False: a read-only worker (no outputs, no DLQ)
+    dead_letters: bool = True  # False: rejects are logged and skipped (rescore keeps off live topics)
 
 
 @dataclass
@@ -229,7 +230,7 @@ class StreamRuntime:
         if self._started:
             return
         names = [*self.config.topics, *self.config.output_topics]
-        if self.config.producer:
+        if self.config.producer and self.config.dead_letters:
             names.append("dlq")
         while not self.stop.is_set():
             try:
@@ -525,7 +526,7 @@ class StreamRuntime:
                                    headers=list(out.headers))
 
     def _send_dead_letter(self, env: Envelope, reason: str) -> Any:
-        if self._producer is None:  # a read-only worker: the reason is logged and the record skipped
+        if self._producer is None or not self.config.dead_letters:  # logged and skipped
             self.log.warning("record_skipped", reason=reason[:300], topic=env.topic, offset=env.offset)
             return _Done()
         return send_dead_letter(self._producer, self.kafka, env, reason, stage=self.config.name)
