@@ -22,7 +22,6 @@ by itself. ``stop`` (SIGINT/SIGTERM through ``stop_on_signals``) ends it after t
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -50,7 +49,10 @@ from pipeline.runtime.envelope import (
     first_line,
 )
 from pipeline.runtime.policy import Backoff, is_record_error, is_transient, reason_code
+from pipeline.runtime.signals import stop_on_signals
 from pipeline.runtime.topics import codec_for, full_name
+
+__all__ = ["RuntimeConfig", "RuntimeStats", "Stage", "StreamRuntime", "stop_on_signals"]
 
 log = get_logger(__name__)
 
@@ -729,18 +731,3 @@ def _next_offsets(envs: Iterable[Envelope]) -> dict[TopicPartition, int]:
 
 def _names(tps: Iterable[TopicPartition]) -> list[str]:
     return sorted(f"{tp.topic}:{tp.partition}" for tp in tps)
-
-
-def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
-    """Set ``stop`` on SIGINT/SIGTERM (main thread only; elsewhere the caller owns ``stop``)."""
-    stop = stop or threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        return stop
-
-    def handler(signum: int, _frame: object) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
