@@ -138,21 +138,6 @@ def lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return out
 
 
-def close_clients(consumer: KafkaConsumer, producer: KafkaProducer | None, worker: str) -> None:
-    """Close a worker's consumer (without committing) and producer; failures are logged, not raised,
-    because closing must not hide the error that ended the worker."""
-    try:
-        consumer.close(autocommit=False)
-    except Exception as exc:
-        log.warning("consumer_close_failed", worker=worker, error=repr(exc))
-    if producer is None:
-        return
-    try:
-        producer.close(timeout=5)
-    except Exception as exc:
-        log.warning("producer_close_failed", worker=worker, error=repr(exc))
-
-
 # -- dead letters -------------------------------------------------------------------------------
 def send_dead_letter(
     producer: KafkaProducer, kafka: KafkaSettings, record: ConsumerRecord | Envelope, reason: str, stage: str

@@ -167,7 +167,7 @@ def test_alert_worker_survives_a_redis_restart(kafka_settings: KafkaSettings, tm
     try:
         produce(kafka_settings, stream("cam-1", [0.9, 0.9]))
         wait_until(lambda: any(e.camera_id == "cam-1" for e in defects(kafka_settings)), "cam-1's event")
-        own.close()  # Redis goes away
+        own.stop()  # Redis goes away
         produce(kafka_settings, stream("cam-2", [0.9, 0.9]))
         wait_until(lambda: health.readiness().get("alert_stream") is not None, "readiness to turn false")
         time.sleep(2.0)
@@ -180,7 +180,7 @@ def test_alert_worker_survives_a_redis_restart(kafka_settings: KafkaSettings, tm
     finally:
         worker.stop.set()
         worker.thread.join(30)
-        own.close()
+        own.stop()
     assert worker.error is None
 
 

@@ -507,11 +507,13 @@ class StreamRuntime:
         try:
             self.stage.after_acked()
         except Exception as exc:
+            # Not the record's fault (the outputs are out): roll back, rewind and retry after a wait.
+            # The retried batch emits the same outputs again: at least once, same content and ids.
             self.stage.rollback()
-            if batch and is_transient(exc):
-                self._rewind(batch)
-                raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
-            raise
+            self._rewind(batch)
+            if not is_transient(exc):
+                self.log.error("stage_after_acked_failed", error=first_line(exc))
+            raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
 
     def _count(self, rej: Reject | None) -> None:
         if rej is None:
