@@ -122,6 +122,7 @@ class RuntimeConfig:
     start: str = "committed"  # manual assignment: "beginning", "end"; or see ``start_offsets``
     start_offsets: dict[TopicPartition, int] | None = None  # manual assignment at these offsets
     end_offsets: dict[TopicPartition, int] | None = None  # stop reading a partition here (exclusive)
+    max_pending_batches: int = 1  # 2: a batch's acks are awaited while the stage works on the next
     lag_every_s: float = 15.0
     ack_timeout_s: float = 30.0
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
@@ -161,7 +162,8 @@ class _Pending:
     """Outputs of one batch in flight, and the offsets they free once acknowledged."""
 
     offsets: dict[TopicPartition, int]
-    sends: list[tuple[Output, Future[Any] | Any]]
+    batch: list[Envelope]
+    sends: list[tuple[Output, Reject | None, Any]]
 
 
 class StreamRuntime:
@@ -184,6 +186,7 @@ class StreamRuntime:
         self._done: dict[TopicPartition, int] = {}  # handled, acked, not yet committed
         self._committed: dict[TopicPartition, int] = {}
         self._prefetched: list[tuple[Envelope, Future[Decoded] | Decoded]] = []
+        self._pending: list[_Pending] = []
         self._paused = False
         self._finished: set[TopicPartition] = set()  # manual ranges read to their end
         self._degraded: str | None = None
@@ -270,6 +273,10 @@ class StreamRuntime:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         try:
+            self._settle_until(0)
+        except Exception as exc:  # left uncommitted: handled again by the next owner
+            self.log.warning("stream_final_settle_failed", error=first_line(exc))
+        try:
             self.stage.on_stop()
         except Exception as exc:
             self.log.warning("stage_on_stop_failed", error=first_line(exc))
@@ -311,6 +318,8 @@ class StreamRuntime:
             self._handle(results)
             RUNTIME_BATCH_SECONDS.labels(worker=self.config.name).observe(time.perf_counter() - started)
             self.stats.batches += 1
+        else:
+            self._settle_until(0)  # nothing new: settle what is in flight so it can be committed
         self._tick()
         self._commit()
         if time.monotonic() - self._last_lag >= self.config.lag_every_s and self._assigned \
@@ -408,15 +417,17 @@ class StreamRuntime:
                 raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
             self.log.warning("batch_failed_retrying_singly", records=len(records), error=first_line(exc))
             self.stats.retries += 1
+            self._settle_until(0)
             self._handle_singly(records, rejects)
+            self._settle_until(0)
             self._done_up_to(offsets)
             return
         result.rejects[:0] = rejects
-        self._deliver(result, [d.envelope for d in decoded])
-        self._done_up_to(offsets)
+        self._deliver(result, [d.envelope for d in decoded], offsets)
 
     def _handle_singly(self, records: list[Record[Any]], rejects: list[Reject]) -> None:
-        self._deliver(StageResult(rejects=rejects), [])
+        self._deliver(StageResult(rejects=rejects), [r.envelope for r in records])
+        self._settle_until(0)
         for i, rec in enumerate(records):
             try:
                 result = self.stage.handle([rec])
@@ -428,6 +439,7 @@ class StreamRuntime:
                 result = StageResult(rejects=[Reject(rec.envelope, f"stage_failed: {type(exc).__name__}: "
                                                                     f"{first_line(exc)}")])
             self._deliver(result, [r.envelope for r in records[i:]])
+            self._settle_until(0)
 
     def _tick(self) -> None:
         try:
@@ -442,54 +454,78 @@ class StreamRuntime:
             self._deliver(result, [])
 
     # -- producing --------------------------------------------------------------------------------
-    def _deliver(self, result: StageResult, batch: list[Envelope]) -> None:
-        """Produce outputs and dead letters, wait for every ack, then ``after_acked``.
+    def _deliver(self, result: StageResult, batch: list[Envelope],
+                 offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Produce outputs and dead letters now; settle them (acks, then ``after_acked``, then the
+        offsets become committable) once more than ``max_pending_batches - 1`` batches are in flight.
 
-        A refused output dead-letters its source; broker trouble retries (rebuilding the producer
-        when it stays broken). If the stage's post-ack hook hits infrastructure trouble, the batch
-        is rewound and retried (its outputs go out again: at least once, same content)."""
+        With ``max_pending_batches=2`` the acks of one batch are awaited while the stage works on the
+        next one; commits still wait for every ack of a batch."""
         sends: list[tuple[Output, Reject | None]] = [(o, None) for o in result.outputs]
-        for rej in result.rejects:
-            sends.append((Output("dlq", b""), rej))
+        sends.extend((Output("dlq", b""), rej) for rej in result.rejects)
+        self._pending.append(_Pending(offsets or {}, batch, self._send_all(sends)))
+        self._settle_until(self.config.max_pending_batches - 1)
+
+    def _send_all(self, sends: list[tuple[Output, Reject | None]]) -> list[tuple[Output, Reject | None, Any]]:
+        """Send each; the third item is the future, or the exception the send raised at once."""
         limit = self.kafka.max_message_bytes
+        out: list[tuple[Output, Reject | None, Any]] = []
+        for o, rej in sends:
+            try:
+                if rej is not None:
+                    fut: Any = self._send_dead_letter(rej.envelope, rej.reason)
+                elif o.size > limit:
+                    raise _TooLargeError(f"output of {o.size} bytes > max_message_bytes {limit}")
+                else:
+                    fut = self._send(o)
+            except Exception as exc:
+                fut = exc
+            out.append((o, rej, fut))
+        return out
+
+    def _settle_until(self, keep: int) -> None:
+        """Settle the oldest pending batches until at most ``keep`` remain."""
+        while len(self._pending) > max(0, keep):
+            try:
+                self._settle(self._pending[0])
+            except _TransientError:
+                # Everything after the failed batch is read again too: rewind to it, forget them all.
+                self._rewind([env for p in self._pending for env in p.batch])
+                self._pending.clear()
+                raise
+            self._pending.pop(0)
+
+    def _settle(self, pending: _Pending) -> None:
+        """Wait for every ack of one batch, then ``after_acked``, then its offsets are done.
+
+        A refused output dead-letters its source; broker trouble retries with backoff (rebuilding
+        the producer when it stays broken). If the stage's post-ack hook fails, the batch is rewound
+        and retried (its outputs go out again: at least once, same content)."""
+        sends = pending.sends
         attempt = 0
         while sends:
-            futures: list[tuple[Output, Reject | None, Any]] = []
             refused: list[tuple[Output, Reject | None, BaseException]] = []
-            for out, rej in sends:
-                try:
-                    if rej is not None:
-                        fut = self._send_dead_letter(rej.envelope, rej.reason)
-                    elif out.size > limit:
-                        raise _TooLargeError(f"output of {out.size} bytes > max_message_bytes {limit}")
-                    else:
-                        fut = self._send(out)
-                    futures.append((out, rej, fut))
-                except Exception as exc:
-                    refused.append((out, rej, exc))
-            if futures:
-                try:
-                    self._producer.flush(timeout=self.config.ack_timeout_s)  # type: ignore[union-attr]
-                except Exception as exc:
-                    self.log.warning("producer_flush_failed", error=first_line(exc))
-            for out, rej, fut in futures:
+            for out, rej, fut in sends:
+                if isinstance(fut, BaseException):
+                    refused.append((out, rej, fut))
+                    continue
                 try:
                     fut.get(timeout=self.config.ack_timeout_s)
                 except Exception as exc:
                     refused.append((out, rej, exc))
                     continue
                 self._count(rej)
-            sends = []
+            again: list[tuple[Output, Reject | None]] = []
             retry: list[tuple[Output, Reject | None]] = []
             error = ""
             for out, rej, exc in refused:
-                if rej is None and (isinstance(exc, _TooLargeError) or is_record_error(exc)) and out.source is not None:
+                final = isinstance(exc, _TooLargeError) or is_record_error(exc)
+                if rej is None and final and out.source is not None:
                     # This output can never be produced: its input goes to the DLQ with the reason.
-                    sends.append((Output("dlq", b""), Reject(out.source, f"output_refused: {first_line(exc)}")))
-                elif rej is None and (isinstance(exc, _TooLargeError) or is_record_error(exc)):
-                    self.log.error("output_dropped", topic=out.topic, error=first_line(exc))
-                elif rej is not None and is_record_error(exc):
-                    self.log.error("dead_letter_refused", offset=rej.envelope.offset, error=first_line(exc))
+                    again.append((Output("dlq", b""), Reject(out.source, f"output_refused: {first_line(exc)}")))
+                elif final:
+                    self.log.error("output_dropped", topic=out.topic, dead_letter=rej is not None,
+                                   error=first_line(exc))
                 else:
                     retry.append((out, rej))
                     error = error or f"{type(exc).__name__}: {first_line(exc)}"
@@ -501,19 +537,18 @@ class StreamRuntime:
                 if self.stop.is_set() and attempt >= 3:
                     # Stopping: leave the batch uncommitted; the next owner handles it again.
                     self.stage.rollback()
-                    self._rewind(batch)
                     raise _TransientError(f"stopped while the broker refused: {error}")
-                sends.extend(retry)
+            sends = self._send_all(again + retry)
         try:
             self.stage.after_acked()
         except Exception as exc:
             # Not the record's fault (the outputs are out): roll back, rewind and retry after a wait.
             # The retried batch emits the same outputs again: at least once, same content and ids.
             self.stage.rollback()
-            self._rewind(batch)
             if not is_transient(exc):
                 self.log.error("stage_after_acked_failed", error=first_line(exc))
             raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
+        self._done_up_to(pending.offsets)
 
     def _count(self, rej: Reject | None) -> None:
         if rej is None:
@@ -628,6 +663,7 @@ class StreamRuntime:
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         # Commit what is done before the partitions move: the next owner starts right after it.
         try:
+            self._settle_until(0)
             self._commit()
         except Exception as exc:
             self.log.warning("commit_on_revoke_failed", error=first_line(exc))
