@@ -108,6 +108,8 @@ class ScoringSettings(BaseModel):
     max_frame_pixels: int = Field(default=40_000_000, ge=1)
     map_size: int = Field(default=64, ge=8, le=512)
     group_id: str = "linewatch-score"
+    # Threads fetching and decoding the next micro-batch while the current one is on the model.
+    decode_workers: int = Field(default=2, ge=0, le=32)
 
 
 class AlertSettings(BaseModel):

@@ -21,8 +21,6 @@ from pipeline.scoring.stage import ScoringStage
 
 log = get_logger(__name__)
 
-DECODE_WORKERS = 2
-
 
 @dataclass
 class ScoreStats:
@@ -47,7 +45,7 @@ def score_runtime_config(settings: Settings, idle_exit_s: float | None = None) -
     return RuntimeConfig(
         name="score", group_id=settings.scoring.group_id, topics=("frames",), output_topics=("scores",),
         max_batch=settings.scoring.max_batch, max_wait_ms=settings.scoring.max_wait_ms, poll_timeout_ms=500,
-        idle_exit_s=idle_exit_s, decode_workers=DECODE_WORKERS, max_pending_batches=2, lag_every_s=5.0,
+        idle_exit_s=idle_exit_s, decode_workers=settings.scoring.decode_workers, max_pending_batches=2, lag_every_s=5.0,
     )
 
 
