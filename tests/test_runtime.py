@@ -146,3 +146,14 @@ def test_runtime_stops_on_request(kafka_settings: KafkaSettings, start_backgroun
     read_topic(kafka_settings, "echo", 1, timeout_s=60)
     time.sleep(0.5)
     assert worker.join(30).outputs == 1
+
+
+def test_pipelined_runtime_handles_every_record_once(kafka_settings: KafkaSettings,
+                                                     start_background: Callable[..., Any]) -> None:
+    values = [f"v{i:02d}".encode() for i in range(30)]
+    send(kafka_settings, values)
+    stats = run(kafka_settings, EchoStage(), start_background, max_batch=2, max_wait_ms=50, decode_workers=2,
+                max_pending_batches=2).wait(120)
+    echoed = read_topic(kafka_settings, "echo", 30, timeout_s=30)
+    assert sorted(r.value for r in echoed) == sorted(v.upper() for v in values)
+    assert stats.outputs == 30 and committed(kafka_settings, f"{kafka_settings.topic_prefix}-echo") == 30
