@@ -22,7 +22,7 @@ from pipeline.config import KafkaSettings
 from pipeline.logging import get_logger
 from pipeline.metrics import CONSUMER_LAG, DLQ_RECORDS, FRAMES_DROPPED, FRAMES_PUBLISHED
 from pipeline.runtime.envelope import Envelope
-from pipeline.runtime.policy import DLQ_HEADER_KEY, dead_letter_copy, reason_code
+from pipeline.runtime.policy import DLQ_HEADER_KEY, dead_letter_copy, is_record_error, reason_code
 from pipeline.runtime.topics import LIVE_TOPICS, full_name
 from schemas import DeadLetter
 
@@ -30,6 +30,8 @@ log = get_logger(__name__)
 
 TOPICS: tuple[str, ...] = LIVE_TOPICS
 Headers = list[tuple[str, bytes]]
+# A producer whose sends failed this many times in a row is closed and created anew.
+REBUILD_AFTER_FAILURES = 20
 
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -209,6 +211,10 @@ class DroppingPublisher:
         self._producer: KafkaProducer | None = None
         self._published: dict[str, int] = {}
         self._dropped: dict[str, int] = {}
+        # Consecutive failed sends: kafka-python's idempotent producer, once marked failed (e.g. the
+        # broker came back with its state lost), fails every send for good; it is rebuilt instead.
+        self._failures = 0
+        self._broken: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"publisher-{self.topic}", daemon=True)
         self._thread.start()
 
@@ -271,6 +277,18 @@ class DroppingPublisher:
         with self._cond:
             return self._in_flight
 
+    @property
+    def broken(self) -> str | None:
+        """Why sends keep failing (the producer is being rebuilt), or None while frames get through."""
+        with self._cond:
+            return self._broken
+
+    def check(self) -> None:
+        """A readiness check: raises while sends keep failing."""
+        reason = self.broken
+        if reason is not None:
+            raise RuntimeError(reason)
+
     def __enter__(self) -> DroppingPublisher:
         return self
 
@@ -315,8 +333,22 @@ class DroppingPublisher:
             self._in_flight += 1
             return self._buffer.popleft()
 
+    def _rebuild_if_failing(self) -> None:
+        with self._cond:
+            failing = self._failures >= REBUILD_AFTER_FAILURES
+            if failing:
+                self._failures = 0
+        if failing and self._producer is not None:
+            log.warning("publisher_producer_rebuilt", topic=self.topic, reason=self.broken)
+            producer, self._producer = self._producer, None
+            try:
+                producer.close(timeout=1)
+            except Exception as exc:
+                log.debug("publisher_close_failed", error=repr(exc))
+
     def _run(self) -> None:
         while True:
+            self._rebuild_if_failing()
             producer = self._ensure_producer()
             item = self._next() if producer is not None else None
             if producer is None or item is None:
@@ -339,17 +371,26 @@ class DroppingPublisher:
                 continue
             except Exception as exc:  # e.g. MessageSizeTooLargeError: this frame can never be sent
                 log.error("publisher_send_failed", camera=item.camera_id, error=repr(exc))
-                self._settle(item.camera_id, None)
+                self._on_error(item.camera_id, exc)
                 continue
             future.add_callback(self._on_ack, item.camera_id)
             future.add_errback(self._on_error, item.camera_id)
 
     def _on_ack(self, camera_id: str, _metadata: Any) -> None:
         FRAMES_PUBLISHED.labels(camera=camera_id).inc()
+        with self._cond:
+            if self._broken is not None:
+                log.info("publisher_recovered", topic=self.topic)
+            self._failures, self._broken = 0, None
         self._settle(camera_id, "published")
 
     def _on_error(self, camera_id: str, exc: BaseException) -> None:
         log.warning("publisher_delivery_failed", camera=camera_id, error=repr(exc))
+        if not is_record_error(exc):
+            with self._cond:
+                self._failures += 1
+                if self._failures >= REBUILD_AFTER_FAILURES:
+                    self._broken = f"{self._failures} sends failed in a row: {exc!r}"[:300]
         self._settle(camera_id, None)
 
     def _settle(self, camera_id: str, outcome: str | None) -> None:

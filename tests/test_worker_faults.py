@@ -250,3 +250,41 @@ def test_scores_for_the_alert_worker_are_topic_partition_indexed(kafka_settings:
     assert redis_client.smembers(keys[0]) == {b"cam-i:live"}
 
 
+
+
+# -- capture publisher ----------------------------------------------------------------------------------
+def test_publisher_rebuilds_a_producer_that_stays_broken_after_a_broker_restart(tmp_path: Path) -> None:
+    from pipeline.bus import DroppingPublisher
+    from pipeline.embedded import EmbeddedBroker
+
+    port = free_port()
+    broker = EmbeddedBroker(port=port).start()
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="restart", partitions=1,
+                          request_timeout_ms=3000)
+    publisher: DroppingPublisher | None = None
+    try:
+        create_topics(kafka, names=("frames",))
+        publisher = DroppingPublisher(kafka, "frames", max_buffered=8, max_in_flight=4, connect_retry_s=0.2,
+                                      request_timeout_ms=3000, delivery_timeout_ms=4000)
+        publisher.offer("cam", b"before", [])
+        assert publisher.flush(30) and publisher.published == {"cam": 1}
+        broker.stop()  # the broker goes away and comes back empty on the same port
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            publisher.offer("cam", b"during", [])
+            time.sleep(0.1)
+        broker = EmbeddedBroker(port=port).start()
+        create_topics(kafka, names=("frames",))
+
+        def published_again() -> bool:
+            assert publisher is not None
+            publisher.offer("cam", b"after", [])
+            time.sleep(0.2)
+            return publisher.published.get("cam", 0) > 1
+
+        wait_until(published_again, "a frame published after the broker came back", timeout=120)
+        assert publisher.broken is None
+    finally:
+        if publisher is not None:
+            publisher.close(timeout=5)
+        broker.stop()
