@@ -288,3 +288,25 @@ def test_publisher_rebuilds_a_producer_that_stays_broken_after_a_broker_restart(
         if publisher is not None:
             publisher.close(timeout=5)
         broker.stop()
+
+
+# -- API ingest -----------------------------------------------------------------------------------------
+def test_sigkilled_api_ingest_loses_no_event(kafka_settings: KafkaSettings, redis_settings: RedisSettings,
+                                             redis_client: redis.Redis, procs: Procs) -> None:
+    from pipeline.api.store import EventStore
+
+    events = [event(f"cam-{i % 4}", first_seq=i * 10, ts=1000.0 + i) for i in range(600)]
+    publish_events(kafka_settings, events)
+    store = EventStore(redis_client, redis_settings.key_prefix)
+    env = env_for(kafka_settings, redis_settings, LINEWATCH_API__TOKEN="t" * 32, LINEWATCH_API__PORT=str(free_port()),
+                  LINEWATCH_API__GROUP_ID=f"{kafka_settings.topic_prefix}-api")
+    first = procs.start(["api"], env)
+    wait_until(lambda: store.count() >= 20 or first.poll() is not None, "some events stored", timeout=150)
+    procs.kill(first)
+    before = store.count()
+    assert 20 <= before < len(events), f"not killed mid-stream: {before}\n{procs.tail(first)}"
+    env["LINEWATCH_API__PORT"] = str(free_port())
+    second = procs.start(["api"], env)
+    wait_until(lambda: all(store.get(e.event_id) for e in events), "every event stored", timeout=150)
+    second.send_signal(signal.SIGTERM)
+    second.wait(30)
