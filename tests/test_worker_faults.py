@@ -197,7 +197,8 @@ def recorded_seqs(root: Path, camera: str) -> list[int]:
 def test_sigkilled_recorder_loses_no_frame(kafka_settings: KafkaSettings, redis_settings: RedisSettings,
                                            procs: Procs, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    frames = [("cam-r", s, rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for s in range(40)]
+    n = 400  # one record per batch (--max-frames) and a commit each: enough to be killed mid-stream
+    frames = [("cam-r", s, rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for s in range(n)]
     publish_frames(kafka_settings, frames)
     out = tmp_path / "rec"
     env = env_for(kafka_settings, redis_settings)
@@ -206,9 +207,9 @@ def test_sigkilled_recorder_loses_no_frame(kafka_settings: KafkaSettings, redis_
     wait_until(lambda: len(recorded_seqs(out, "cam-r")) >= 5 or first.poll() is not None, "some frames recorded")
     procs.kill(first)
     before = set(recorded_seqs(out, "cam-r"))
-    assert 5 <= len(before) < 40, f"not killed mid-stream: {len(before)}\n{procs.tail(first)}"
+    assert 5 <= len(before) < n, f"not killed mid-stream: {len(before)}\n{procs.tail(first)}"
     second = procs.start(args, env)
-    wait_until(lambda: set(recorded_seqs(out, "cam-r")) == set(range(40)), "every frame recorded")
+    wait_until(lambda: set(recorded_seqs(out, "cam-r")) == set(range(n)), "every frame recorded")
     second.send_signal(signal.SIGTERM)
     assert second.wait(30) == 0, procs.tail(second)
 
