@@ -318,6 +318,7 @@ class StreamRuntime:
             self._handle(results)
             RUNTIME_BATCH_SECONDS.labels(worker=self.config.name).observe(time.perf_counter() - started)
             self.stats.batches += 1
+            self._last_record = time.monotonic()  # idle time counts from the end of the work
         else:
             self._settle_until(0)  # nothing new: settle what is in flight so it can be committed
         self._tick()
@@ -701,7 +702,7 @@ class StreamRuntime:
     # -- health -----------------------------------------------------------------------------------
     def _idle_exit(self) -> bool:
         limit = self.config.idle_exit_s
-        if limit is None or not self._assigned or not self.stage.settled():
+        if limit is None or not self._assigned or self._prefetched or self._pending or not self.stage.settled():
             return False
         return time.monotonic() - self._last_record >= limit
 
