@@ -110,6 +110,7 @@ def spawn_worker(name: str, settings: Settings) -> subprocess.Popen:
         "LINEWATCH_ALERT__K": str(settings.alert.k),
         "LINEWATCH_ALERT__N": str(settings.alert.n),
         "LINEWATCH_ALERT__QUIET_S": str(settings.alert.quiet_s),
+        "LINEWATCH_ALERT__SILENCE_S": str(settings.alert.silence_s),
         "LINEWATCH_ALERT__DEFAULT_THRESHOLD": str(settings.alert.default_threshold),
     }
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", name], env=env)
@@ -152,7 +153,8 @@ def main() -> None:
         settings = Settings(kafka=kafka, redis=RedisSettings(url=cache.url),
                             engine=engine.settings,
                             scoring=ScoringSettings(max_batch=args.max_batch, max_wait_ms=50, staleness_s=None),
-                            alert=AlertSettings(k=2, n=3, quiet_s=1.0, default_threshold=float(np.median(scores))))
+                            alert=AlertSettings(k=2, n=3, quiet_s=1.0, silence_s=1.0,
+                                                default_threshold=float(np.median(scores))))
         create_topics(kafka)
         stop = threading.Event()
         if args.in_process:

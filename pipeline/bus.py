@@ -21,20 +21,24 @@ from kafka.producer.future import FutureRecordMetadata
 from pipeline.config import KafkaSettings
 from pipeline.logging import get_logger
 from pipeline.metrics import CONSUMER_LAG, DLQ_RECORDS, FRAMES_DROPPED, FRAMES_PUBLISHED
+from pipeline.runtime.envelope import Envelope
+from pipeline.runtime.policy import DLQ_HEADER_KEY, dead_letter_copy, is_record_error, reason_code
+from pipeline.runtime.topics import LIVE_TOPICS, full_name
 from schemas import DeadLetter
 
 log = get_logger(__name__)
 
-TOPICS: tuple[str, ...] = ("frames", "scores", "defects", "dlq")
-DLQ_HEADER_KEY = "linewatch-dlq"
+TOPICS: tuple[str, ...] = LIVE_TOPICS
 Headers = list[tuple[str, bytes]]
+# A producer whose sends failed this many times in a row is closed and created anew.
+REBUILD_AFTER_FAILURES = 20
 
 _TOPIC_ALREADY_EXISTS = 36
 
 
 def topic_name(kafka: KafkaSettings, name: str) -> str:
-    """Full topic name; idempotent so callers may pass either form."""
-    return name if name.startswith(f"{kafka.topic_prefix}.") else kafka.topic(name)
+    """Full topic name; idempotent so callers may pass either form (``pipeline.runtime.topics``)."""
+    return full_name(kafka, name)
 
 
 # -- topics and clients -------------------------------------------------------------------------
@@ -136,42 +140,24 @@ def lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return out
 
 
-def close_clients(consumer: KafkaConsumer, producer: KafkaProducer | None, worker: str) -> None:
-    """Close a worker's consumer (without committing) and producer; failures are logged, not raised,
-    because closing must not hide the error that ended the worker."""
-    try:
-        consumer.close(autocommit=False)
-    except Exception as exc:
-        log.warning("consumer_close_failed", worker=worker, error=repr(exc))
-    if producer is None:
-        return
-    try:
-        producer.close(timeout=5)
-    except Exception as exc:
-        log.warning("producer_close_failed", worker=worker, error=repr(exc))
-
-
 # -- dead letters -------------------------------------------------------------------------------
 def send_dead_letter(
-    producer: KafkaProducer, kafka: KafkaSettings, record: ConsumerRecord, reason: str, stage: str
+    producer: KafkaProducer, kafka: KafkaSettings, record: ConsumerRecord | Envelope, reason: str, stage: str
 ) -> FutureRecordMetadata:
-    """Divert ``record`` unchanged to the DLQ with a ``linewatch-dlq`` header explaining why.
+    """Divert ``record`` to the DLQ with a ``linewatch-dlq`` header explaining why.
 
+    The copy always fits the producer's request limit: a large value is cut and the header records
+    the original size and sha256 (``pipeline.runtime.policy.dead_letter_copy``).
     ``reason`` should start with a short code ("bad_header: ..."); the metric label keeps only the
     part before the first colon so free text cannot explode label cardinality.
     Returns the send future: wait on it before committing the source offset.
     """
-    key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else record.key
-    letter = DeadLetter(
-        reason=reason, stage=stage, source_topic=record.topic, source_partition=record.partition,
-        source_offset=record.offset, key=key, ts=time.time(),
-    )
-    headers = [(k, v) for k, v in (record.headers or []) if k != DLQ_HEADER_KEY]
-    headers.append((DLQ_HEADER_KEY, letter.model_dump_json().encode()))
-    future = producer.send(topic_name(kafka, "dlq"), key=record.key, value=record.value, headers=headers)
-    DLQ_RECORDS.labels(stage=stage, reason=reason.split(":", 1)[0].strip()[:64]).inc()
-    log.warning("dead_letter", stage=stage, reason=reason, topic=record.topic,
-                partition=record.partition, offset=record.offset, key=key)
+    env = record if isinstance(record, Envelope) else Envelope.from_record(record)
+    value, headers = dead_letter_copy(env, reason, stage, kafka.max_message_bytes)
+    future = producer.send(topic_name(kafka, "dlq"), key=env.key, value=value, headers=list(headers))
+    DLQ_RECORDS.labels(stage=stage, reason=reason_code(reason)).inc()
+    log.warning("dead_letter", stage=stage, reason=reason[:300], topic=env.topic,
+                partition=env.partition, offset=env.offset, key=env.key_text, size=env.size)
     return future
 
 
@@ -225,6 +211,10 @@ class DroppingPublisher:
         self._producer: KafkaProducer | None = None
         self._published: dict[str, int] = {}
         self._dropped: dict[str, int] = {}
+        # Consecutive failed sends: kafka-python's idempotent producer, once marked failed (e.g. the
+        # broker came back with its state lost), fails every send for good; it is rebuilt instead.
+        self._failures = 0
+        self._broken: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"publisher-{self.topic}", daemon=True)
         self._thread.start()
 
@@ -287,6 +277,18 @@ class DroppingPublisher:
         with self._cond:
             return self._in_flight
 
+    @property
+    def broken(self) -> str | None:
+        """Why sends keep failing (the producer is being rebuilt), or None while frames get through."""
+        with self._cond:
+            return self._broken
+
+    def check(self) -> None:
+        """A readiness check: raises while sends keep failing."""
+        reason = self.broken
+        if reason is not None:
+            raise RuntimeError(reason)
+
     def __enter__(self) -> DroppingPublisher:
         return self
 
@@ -331,8 +333,22 @@ class DroppingPublisher:
             self._in_flight += 1
             return self._buffer.popleft()
 
+    def _rebuild_if_failing(self) -> None:
+        with self._cond:
+            failing = self._failures >= REBUILD_AFTER_FAILURES
+            if failing:
+                self._failures = 0
+        if failing and self._producer is not None:
+            log.warning("publisher_producer_rebuilt", topic=self.topic, reason=self.broken)
+            producer, self._producer = self._producer, None
+            try:
+                producer.close(timeout=1)
+            except Exception as exc:
+                log.debug("publisher_close_failed", error=repr(exc))
+
     def _run(self) -> None:
         while True:
+            self._rebuild_if_failing()
             producer = self._ensure_producer()
             item = self._next() if producer is not None else None
             if producer is None or item is None:
@@ -355,17 +371,26 @@ class DroppingPublisher:
                 continue
             except Exception as exc:  # e.g. MessageSizeTooLargeError: this frame can never be sent
                 log.error("publisher_send_failed", camera=item.camera_id, error=repr(exc))
-                self._settle(item.camera_id, None)
+                self._on_error(item.camera_id, exc)
                 continue
             future.add_callback(self._on_ack, item.camera_id)
             future.add_errback(self._on_error, item.camera_id)
 
     def _on_ack(self, camera_id: str, _metadata: Any) -> None:
         FRAMES_PUBLISHED.labels(camera=camera_id).inc()
+        with self._cond:
+            if self._broken is not None:
+                log.info("publisher_recovered", topic=self.topic)
+            self._failures, self._broken = 0, None
         self._settle(camera_id, "published")
 
     def _on_error(self, camera_id: str, exc: BaseException) -> None:
         log.warning("publisher_delivery_failed", camera=camera_id, error=repr(exc))
+        if not is_record_error(exc):
+            with self._cond:
+                self._failures += 1
+                if self._failures >= REBUILD_AFTER_FAILURES:
+                    self._broken = f"{self._failures} sends failed in a row: {exc!r}"[:300]
         self._settle(camera_id, None)
 
     def _settle(self, camera_id: str, outcome: str | None) -> None:

@@ -116,12 +116,18 @@ class ScoringSettings(Section):
     max_frame_pixels: int = Field(default=40_000_000, ge=1)
     map_size: int = Field(default=64, ge=8, le=512)
     group_id: str = "linewatch-score"
+    # Threads fetching and decoding the next micro-batch while the current one is on the model.
+    decode_workers: int = Field(default=2, ge=0, le=32)
 
 
 class AlertSettings(Section):
     k: int = Field(default=2, ge=1)
     n: int = Field(default=3, ge=1)
     quiet_s: float = Field(default=2.0, ge=0)
+    # Wall-clock seconds without any score of a camera before its open event is closed (the camera
+    # went silent). Quiet periods are measured on capture time; this only ends events of cameras that
+    # stopped sending, so keep it above any scoring lag (batching, rebalances, a busy machine).
+    silence_s: float = Field(default=30.0, gt=0)
     default_threshold: float = 0.5
     min_region_area: int = Field(default=16, ge=0)
     group_id: str = "linewatch-alert"

@@ -25,6 +25,13 @@ CONSUMER_LAG = Gauge("linewatch_consumer_lag", "Records behind the partition end
 PROMPT_CACHE = Counter("linewatch_prompt_cache_total", "Prompt cache lookups", ["tier", "outcome"])
 EVENTS_OPENED = Counter("linewatch_events_opened_total", "Defect events opened", ["camera", "product_class"])
 DLQ_RECORDS = Counter("linewatch_dlq_total", "Records sent to the dead-letter topic", ["stage", "reason"])
+RUNTIME_RECORDS = Counter("linewatch_stream_records_total", "Records by outcome in the stream runtime",
+                          ["worker", "outcome"])
+RUNTIME_BATCH_SECONDS = Histogram(
+    "linewatch_stream_batch_seconds", "Stream runtime time per micro-batch (decode wait, stage, produce, acks)",
+    ["worker"], buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+RUNTIME_DEGRADED = Gauge("linewatch_stream_degraded", "1 while a worker waits for its broker or Redis", ["worker"])
 DELIVERIES = Counter("linewatch_deliveries_total", "Subscription deliveries", ["channel", "outcome"])
 # Camera health, exported by the capture worker holding the camera (series dropped when it lets go).
 CAMERA_FPS = Gauge("linewatch_camera_fps", "Frames per second read from the camera (last 10 s)", ["camera"])

@@ -28,22 +28,22 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import cv2
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
 
-from pipeline.bus import commit_offsets, create_topics, make_consumer, next_offsets, topic_name
 from pipeline.capture.sources import INDEX_FILE, open_source
 from pipeline.capture.stage import resize_to_width
 from pipeline.config import CameraConfig, KafkaSettings, Settings
 from pipeline.imaging import encode_jpeg
 from pipeline.logging import get_logger
-from schemas.frames import FrameHeader, FrameRef
+from pipeline.runtime.envelope import Envelope, Record, RecordError, Skip, StageResult
+from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
+from pipeline.runtime.topics import FRAMES
+from schemas.frames import FrameRef
 
 DEFAULT_SEGMENT_S = 60.0
 # Retention also runs every this many frames, not only when a segment closes, so a long segment
@@ -579,29 +579,44 @@ def default_group_id(kafka: KafkaSettings, camera_id: str | None) -> str:
     return f"{kafka.topic_prefix}-record-{camera_id or 'all'}"
 
 
-def _frame_of(record: ConsumerRecord, camera_id: str | None, stats: RecordStats) -> FrameRef | None:
-    """The frame metadata of a record to keep; None (counted) for other cameras and bad records."""
-    key = record.key.decode("utf-8", "replace") if isinstance(record.key, bytes) else record.key
-    if camera_id is not None and key is not None and key != camera_id:
-        stats.ignored += 1  # cheap check first: most records of a busy topic are other cameras'
-        return None
-    try:
-        header = FrameHeader.from_headers(record.headers)
-    except ValueError as exc:
-        stats.skipped += 1
-        _log.warning("record_bad_frame", topic=record.topic, partition=record.partition, offset=record.offset,
-                     key=key, error=str(exc)[:200])
-        return None
-    if (camera_id is not None and header.camera_id != camera_id) or header.replay_session is not None:
-        # Replayed frames are re-published recordings, not camera footage.
-        stats.ignored += 1
-        return None
-    if not record.value or header.encoding != "jpeg":
-        stats.skipped += 1
-        _log.warning("record_unusable_frame", camera=header.camera_id, seq=header.seq, offset=record.offset,
-                     encoding=header.encoding, value_bytes=len(record.value or b""))
-        return None
-    return header.ref()
+class RecordStage(Stage):
+    """Frames of the wanted camera(s) -> the recorder; other cameras and replays are skipped."""
+
+    def __init__(self, recorder: Recorder, camera_id: str | None, max_frames: int | None,
+                 stop: threading.Event) -> None:
+        self.recorder = recorder
+        self.camera_id = camera_id
+        self.max_frames = max_frames
+        self.stop = stop
+
+    def decode(self, env: Envelope) -> Record[FrameRef] | Skip:
+        stats = self.recorder.stats
+        key = env.key_text
+        if self.camera_id is not None and key is not None and key != self.camera_id:
+            stats.ignored += 1  # cheap check first: most records of a busy topic are other cameras'
+            return Skip(env, "other_camera")
+        try:
+            header = FRAMES.codec(env)
+        except RecordError:
+            stats.skipped += 1
+            raise
+        if (self.camera_id is not None and header.camera_id != self.camera_id) or header.replay_session is not None:
+            # Replayed frames are re-published recordings, not camera footage.
+            stats.ignored += 1
+            return Skip(env, "not_recorded")
+        if not env.value or header.encoding != "jpeg":
+            stats.skipped += 1
+            raise RecordError("unusable_frame", f"encoding {header.encoding}, {len(env.value or b'')} bytes")
+        return Record(env, header.ref())
+
+    def handle(self, records: Sequence[Record[FrameRef]]) -> StageResult:
+        for rec in records:
+            if self.max_frames is not None and self.recorder.stats.frames >= self.max_frames:
+                break
+            self.recorder.write(rec.envelope.value or b"", rec.message)
+        if self.max_frames is not None and self.recorder.stats.frames >= self.max_frames:
+            self.stop.set()
+        return StageResult()
 
 
 def record_from_topic(
@@ -620,10 +635,10 @@ def record_from_topic(
 ) -> RecordStats:
     """Record frames of ``camera_id`` (None: every camera) from the frames topic.
 
-    Consumes in its own consumer group (default ``default_group_id``) and commits offsets after
-    the frames of a batch are written, so a restarted recorder resumes where it stopped; a new
-    group starts at the earliest retained record. Redelivered frames are dropped by seq. JPEG
-    values are written as received. Records without a valid frame header are logged and skipped;
+    Runs on the stream runtime in its own consumer group (default ``default_group_id``): offsets
+    are committed after the frames of a batch are written, so a restarted recorder resumes where it
+    stopped; a new group starts at the earliest retained record. Redelivered frames are dropped by
+    seq. JPEG values are written as received. Records without a valid frame header go to the DLQ;
     frames of replay sessions are ignored. Runs until ``stop`` is set, ``max_frames`` were written,
     or no record arrived for ``idle_exit_s`` once partitions were assigned.
     """
@@ -631,44 +646,13 @@ def record_from_topic(
     if kafka.bootstrap_servers is None:
         raise ValueError("no Kafka bootstrap servers configured (LINEWATCH_KAFKA__BOOTSTRAP_SERVERS)")
     group = group_id or default_group_id(kafka, camera_id)
-    rlog = _log.bind(camera=camera_id or "*", group=group, topic=topic_name(kafka, "frames"))
-    try:
-        create_topics(kafka, names=("frames",))
-    except KafkaError as exc:
-        rlog.warning("topic_check_failed", error=repr(exc))
     recorder = Recorder(root, camera_id, segment_s=segment_s, max_bytes=max_bytes, max_age_s=max_age_s)
-    consumer = make_consumer(kafka, group, ["frames"])
-    rlog.info("record_started", root=str(root))
-    last_record: float | None = None
+    _log.info("record_started", root=str(root), camera=camera_id or "*", group=group)
+    # With a frame limit, one record per batch: the runtime commits whole batches.
+    config = RuntimeConfig(name="record", group_id=group, topics=("frames",), idle_exit_s=idle_exit_s,
+                           poll_timeout_ms=poll_timeout_ms, max_batch=1 if max_frames is not None else 100)
     try:
-        while not stop.is_set():
-            polled = consumer.poll(timeout_ms=poll_timeout_ms, max_records=100)
-            if last_record is None and consumer.assignment():
-                last_record = time.monotonic()  # idle time counts from the first assignment
-            done: list[ConsumerRecord] = []
-            for record in (rec for recs in polled.values() for rec in recs):
-                frame = _frame_of(record, camera_id, recorder.stats)
-                if frame is not None:
-                    recorder.write(record.value, frame)
-                done.append(record)
-                if max_frames is not None and recorder.stats.frames >= max_frames:
-                    break
-            if done:
-                last_record = time.monotonic()
-                try:
-                    commit_offsets(consumer, next_offsets(done))
-                except CommitFailedError as exc:
-                    # Rebalanced meanwhile: the records come again and are dropped by seq.
-                    rlog.warning("record_commit_failed", error=str(exc), records=len(done))
-            if max_frames is not None and recorder.stats.frames >= max_frames:
-                break
-            if idle_exit_s is not None and last_record is not None and time.monotonic() - last_record >= idle_exit_s:
-                rlog.info("record_idle_exit", idle_s=idle_exit_s)
-                break
+        StreamRuntime(kafka, config, RecordStage(recorder, camera_id, max_frames, stop), stop=stop).run()
     finally:
         recorder.close()
-        try:
-            consumer.close(autocommit=False)
-        except Exception as exc:  # closing must not hide the error that got us here
-            rlog.warning("record_consumer_close_failed", error=repr(exc))
     return recorder.stats

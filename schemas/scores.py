@@ -42,3 +42,7 @@ class DeadLetter(BaseModel):
     source_offset: int
     key: str | None = None
     ts: float
+    # The record value rides along cut to the producer's limit when larger; these say what it was.
+    original_size: int | None = None
+    sha256: str | None = None
+    truncated: bool = False

@@ -18,7 +18,7 @@ from schemas.scores import ScoreMessage
 
 T0 = 1_700_000_000.0
 DT = 0.1  # seconds between frames
-SETTINGS = AlertSettings(k=2, n=3, quiet_s=2.0, default_threshold=0.5, min_region_area=4)
+SETTINGS = AlertSettings(k=2, n=3, quiet_s=2.0, silence_s=2.0, default_threshold=0.5, min_region_area=4)
 
 
 def _map_with_blob(seq: int) -> np.ndarray:
@@ -158,6 +158,34 @@ def test_tick_judges_historical_replay_by_elapsed_time_not_capture_age() -> None
         step(state, make_score(i, 0.9, ts=old + i * DT, session="r1"), 0.5, SETTINGS, received_at=T0)
     assert tick(state, T0 + 1.0, SETTINGS) == []
     assert kinds(tick(state, T0 + 2.01, SETTINGS)) == ["close"]
+
+
+def test_a_lagging_scorer_never_splits_a_defect() -> None:
+    # 60 anomalous frames at 10 fps (6 s of capture time), scored in bursts with 5 s of wall clock
+    # between them (batching, a rebalance, a busy machine): one event, closed by capture time.
+    settings = AlertSettings(k=2, n=3, quiet_s=2.0, silence_s=30.0, default_threshold=0.5, min_region_area=4)
+    state = CameraState("cam-1")
+    wall = 9000.0
+    out: list[Transition] = []
+    for burst in range(6):
+        for i in range(10):
+            seq = burst * 10 + i
+            out.extend(step(state, make_score(seq, 0.9), 0.5, settings, received_at=wall))
+        wall += 5.0
+        out.extend(tick(state, wall, settings))  # the wall clock moved 5 s > quiet_s: still one event
+    assert kinds(out) == ["open"]
+    out.extend(step(state, make_score(100, 0.1), 0.5, settings, received_at=wall))  # 4 s later on capture
+    assert kinds(out) == ["open", "close"] and out[1].event.last_seq == 59
+    assert {t.event.event_id for t in out} == {DefectEvent.make_id("cam-1", 0)}
+
+
+def test_silent_camera_is_closed_after_silence_s_of_wall_clock() -> None:
+    settings = AlertSettings(k=2, n=3, quiet_s=2.0, silence_s=30.0)
+    state = CameraState("cam-1")
+    for i in range(2):
+        step(state, make_score(i, 0.9), 0.5, settings, received_at=100.0)
+    assert tick(state, 129.0, settings) == []
+    assert kinds(tick(state, 130.0, settings)) == ["close"]
 
 
 def test_redelivered_scores_are_ignored_and_never_reopen() -> None:

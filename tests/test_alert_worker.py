@@ -104,7 +104,7 @@ def start_worker(start_background: Callable[..., Background]) -> Callable[..., B
 
 
 def make_settings(kafka: KafkaSettings, redis_settings: RedisSettings, **alert: object) -> Settings:
-    defaults: dict[str, object] = {"k": 2, "n": 3, "quiet_s": 1.5, "default_threshold": 0.5,
+    defaults: dict[str, object] = {"k": 2, "n": 3, "quiet_s": 1.5, "silence_s": 1.5, "default_threshold": 0.5,
                                    "min_region_area": 4, "group_id": f"{kafka.topic_prefix}-alert"}
     return Settings(kafka=kafka, redis=redis_settings, alert=AlertSettings(**{**defaults, **alert}))
 
@@ -209,7 +209,7 @@ def test_worker_uses_calibrated_threshold(kafka_settings: KafkaSettings, redis_s
 
 # -- stage with real Redis ----------------------------------------------------------------------
 def _stage(redis_client: redis.Redis, prefix: str, **alert: object) -> AlertStage:
-    settings = AlertSettings(**{"k": 2, "n": 3, "quiet_s": 2.0, **alert})
+    settings = AlertSettings(**{"k": 2, "n": 3, "quiet_s": 2.0, "silence_s": 2.0, **alert})
     return AlertStage(settings, ThresholdStore(redis_client, prefix), CameraStateStore(redis_client, prefix))
 
 
@@ -253,7 +253,7 @@ def test_stage_keeps_replay_session_apart_from_live(redis_settings: RedisSetting
 def test_stage_evicts_idle_states_and_reloads_them(redis_settings: RedisSettings,
                                                    redis_client: redis.Redis) -> None:
     prefix = redis_settings.key_prefix
-    settings = AlertSettings(k=2, n=3, quiet_s=2.0)
+    settings = AlertSettings(k=2, n=3, quiet_s=2.0, silence_s=2.0)
     stage = AlertStage(settings, ThresholdStore(redis_client, prefix), CameraStateStore(redis_client, prefix),
                        idle_evict_s=60.0)
     stage.process(stream("cam-1", [0.9, 0.9]), now=T0)  # opens

@@ -22,7 +22,7 @@ import redis
 from pipeline.api.app import create_app, serve
 from pipeline.api.ingest import Ingest
 from pipeline.api.store import EventQuery, EventStore, live_channel
-from pipeline.bus import create_topics, make_producer, topic_name
+from pipeline.bus import create_topics, make_producer, read_dead_letter, topic_name
 from pipeline.cli import main
 from pipeline.config import ApiSettings, DeliverSettings, KafkaSettings, RedisSettings, Settings
 from pipeline.delivery.store import DeliveryLedger
@@ -33,7 +33,7 @@ from schemas.events import DefectEvent, Region
 from schemas.frames import FrameRef
 from schemas.scores import ScoreMessage
 from schemas.subscriptions import DeadDelivery
-from tests.streaming_helpers import Background
+from tests.streaming_helpers import Background, read_topic
 from tests.webhook_receiver import WebhookReceiver
 
 TOKEN = "api-test-token-0123456789"
@@ -281,6 +281,12 @@ def test_bad_records_are_skipped(server: ApiServer) -> None:
     assert [e["event_id"] for e in server.events(camera=camera)["events"]] == [good.event_id]
     assert server.ingest.stats.invalid_events - invalid_before == 3
     assert server.http.get("/readyz").status_code == 200
+    # Each bad record went to the DLQ once, with its reason, and ingest went on past it.
+    mine = camera.encode()
+    dlq = read_topic(server.settings.kafka, "dlq", 1, timeout_s=30,
+                     until=lambda recs: sum(r.key == mine for r in recs) >= 3)
+    letters = [read_dead_letter(r.headers) for r in dlq if r.key == mine]
+    assert len(letters) == 3 and {lt.stage for lt in letters} == {"api"}
 
 
 # -- cameras --------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def test_a_real_replay_shows_up_live(browser: WebDriver, server: ApiServer, shar
 
     settings = site_settings(server.settings.kafka, server.settings.redis)
     # Zero threshold, k = n = 1: every frame is anomalous, so the replay opens an event for sure.
-    settings.alert = AlertSettings(k=1, n=1, quiet_s=0.5, default_threshold=0.0, min_region_area=0,
+    settings.alert = AlertSettings(k=1, n=1, quiet_s=0.5, silence_s=1.0, default_threshold=0.0, min_region_area=0,
                                    group_id=settings.alert.group_id)
     camera = f"line-cam-{uuid.uuid4().hex[:6]}"
     with Recorder(tmp_path / "rec", camera) as rec:

@@ -260,7 +260,8 @@ def test_alert_worker_becomes_ready(make_health: Callable[..., Health], kafka_se
         assert worker.error is None
         status, body = get_json(health, "/readyz")
         assert status == 200
-        assert body["checks"] == {"loop": "ok", "broker": "ok", "redis": "ok"}
+        # The runtime's own check says whether it is waiting for its broker or Redis.
+        assert body["checks"] == {"loop": "ok", "broker": "ok", "redis": "ok", "alert_stream": "ok"}
         assert get_json(health, "/healthz")[0] == 200
 
 
@@ -273,7 +274,7 @@ def test_score_worker_reports_model_loaded(make_health: Callable[..., Health], k
                  "the score worker to become ready")
         assert worker.error is None
         assert get_json(health, "/readyz")[1]["checks"] == {"loop": "ok", "broker": "ok", "redis": "ok",
-                                                            "model_loaded": "ok"}
+                                                            "model_loaded": "ok", "score_stream": "ok"}
 
 
 def test_deliver_worker_becomes_ready(make_health: Callable[..., Health], kafka_settings: KafkaSettings,
@@ -285,4 +286,5 @@ def test_deliver_worker_becomes_ready(make_health: Callable[..., Health], kafka_
         wait_for(lambda: get_json(health, "/readyz")[0] == 200 or worker.error is not None, 20,
                  "the deliver worker to become ready")
         assert worker.error is None
-        assert get_json(health, "/readyz")[1]["checks"] == {"loop": "ok", "broker": "ok", "redis": "ok"}
+        assert get_json(health, "/readyz")[1]["checks"] == {"loop": "ok", "broker": "ok", "redis": "ok",
+                                                            "deliver_stream": "ok"}

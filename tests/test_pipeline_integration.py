@@ -271,7 +271,7 @@ def test_defect_events_follow_the_scores_through_the_broker(
         scoring=ScoringSettings(max_batch=8, staleness_s=None, group_id=f"{kafka_settings.topic_prefix}-score"),
         # One anomalous frame opens an event; 1.5 s of capture time (frames are 1 s apart) without one
         # closes it: every maximal run of anomalous frames is exactly one event.
-        alert=AlertSettings(k=1, n=1, quiet_s=1.5, group_id=f"{kafka_settings.topic_prefix}-alert"),
+        alert=AlertSettings(k=1, n=1, quiet_s=1.5, silence_s=1.5, group_id=f"{kafka_settings.topic_prefix}-alert"),
     )
     stats = run_in_thread(run_score, settings, engine=engine, idle_exit_s=4.0)
     assert stats.scored == 20
@@ -338,7 +338,7 @@ def test_linewatch_run_replays_a_folder_on_embedded_infrastructure(shared_data: 
     cfg.write_text(
         "engine: {backbone: ViT-S-32, pretrained: random, precision: fp32}\n"
         # Every frame is anomalous and they are captured back to back: one event, closed after 0.5 s.
-        "alert: {quiet_s: 0.5, k: 1, n: 1, default_threshold: 0.0}\n"
+        "alert: {quiet_s: 0.5, silence_s: 0.5, k: 1, n: 1, default_threshold: 0.0}\n"
         f"cameras:\n  - {{id: cam-1, product_class: {CLASS}, source: '{stream}'}}\n"
     )
     run_dir = tmp_path / "run"

@@ -54,7 +54,7 @@ def record(root: Path, camera: str, images: list[np.ndarray], times: list[float]
 def settings(kafka_settings: KafkaSettings, redis_settings: RedisSettings) -> Settings:
     s = site_settings(kafka_settings, redis_settings, max_batch=4, max_wait_ms=50)
     # Every frame is "anomalous" under a zero threshold, so a replay opens events deterministically.
-    s.alert = AlertSettings(k=1, n=1, quiet_s=0.5, default_threshold=0.0, min_region_area=0,
+    s.alert = AlertSettings(k=1, n=1, quiet_s=0.5, silence_s=1.0, default_threshold=0.0, min_region_area=0,
                             group_id=s.alert.group_id)
     s.deliver = DeliverSettings(allow_private_networks=True, reload_s=0.2, group_id=s.deliver.group_id)
     return s

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import MessageSizeTooLargeError
 
 from pipeline.bus import create_topics, make_producer, read_dead_letter, topic_name
 from pipeline.config import (
@@ -311,7 +310,9 @@ def test_bad_records_go_to_the_dlq_and_the_worker_keeps_going(
         assert letter.stage == "score" and letter.source_topic == frames_topic
         assert letter.source_partition == metas[index].partition
         # The original headers ride along beside the reason.
-        assert [(k, v) for k, v in rec.headers if k != "linewatch-dlq"] == headers
+        assert [(k, v) for k, v in rec.headers if not k.startswith("linewatch-dlq")] == headers
+        assert letter.original_size == len(value) and not letter.truncated
+        assert dict(rec.headers)["linewatch-dlq-original-size"] == str(len(value)).encode()
     assert stats.rejected == 6 and stats.scored == 3
     assert stats.reasons == {"undecodable": 1, "bad_header": 2, "oversized": 1, "dimension_mismatch": 1,
                              "empty": 1}
@@ -397,13 +398,16 @@ def test_offsets_are_committed_only_after_the_scores_are_acked(
         ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
     frames_topic = topic_name(kafka_settings, "frames")
 
-    # A worker whose scores cannot be delivered (every score is over the producer's size limit)
-    # fails its first batch and must leave the offsets uncommitted.
+    # A worker whose scores can never be produced (every score is over the producer's size limit)
+    # does not crash-loop: each frame goes to the DLQ with the reason, and the offsets move past them.
     broken = make_settings(kafka_settings, group_id=f"{kafka_settings.topic_prefix}-broken")
-    broken.kafka = kafka_settings.model_copy(update={"max_message_bytes": 1024})
-    with pytest.raises(MessageSizeTooLargeError):
-        workers(broken, make_engine()).wait()
-    assert committed(kafka_settings, broken.scoring.group_id) == dict.fromkeys(range(kafka_settings.partitions))
+    broken.kafka = kafka_settings.model_copy(update={"max_message_bytes": 2048})
+    broken_stats = workers(broken, make_engine(), idle_exit_s=4.0).wait(120)
+    assert broken_stats.scored == 0 and broken_stats.reasons == {"output_refused": 4}, broken_stats
+    letters = [read_dead_letter(r.headers) for r in read_topic(kafka_settings, "dlq", 4, timeout_s=30)]
+    assert sorted(lt.reason.split(":", 1)[0] for lt in letters) == ["output_refused"] * 4
+    assert all(lt.original_size and lt.sha256 for lt in letters)  # the original, identified
+    assert {p: c for p, c in committed(kafka_settings, broken.scoring.group_id).items() if c} == ends
 
     settings = make_settings(kafka_settings)
     w = workers(settings, make_engine())

@@ -74,6 +74,9 @@ def run_capture(
         wlog.warning("topic_check_failed", error=repr(exc))
 
     publisher = DroppingPublisher(settings.kafka, "frames", settings.capture.max_buffered_frames)
+    if health is not None:
+        # Not ready while sends keep failing (the producer is being rebuilt); liveness is untouched.
+        health.add_check("publisher", publisher.check, cache_s=0.0)
     stats: dict[str, CaptureStats] = {c.id: CaptureStats(camera_id=c.id) for c in cameras}
     # Health metrics only (frames/s, last frame, state): dark notifications need managed capture.
     healths = {c.id: CameraHealth(c) for c in cameras}

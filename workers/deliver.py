@@ -1,42 +1,34 @@
-"""Deliver worker: defects topic -> subscriptions (webhook, Kafka topic, Redis stream).
+"""Deliver worker: wiring of the delivery dispatcher onto the stream runtime (defects -> subscriptions).
 
-The loop polls in its own consumer group, hands each event to the dispatcher's per-subscription
-lanes, and commits only offsets that every matching lane has settled (delivered, coalesced or
-dead-lettered). While too many events are in flight it pauses fetching instead of buffering.
+The stage hands each event to the dispatcher's per-subscription lanes; the runtime commits only
+offsets that every matching lane has settled (delivered, coalesced or dead-lettered), and pauses
+fetching while too many events are in flight instead of buffering.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
-from pydantic import ValidationError
+from kafka import TopicPartition
 
-from pipeline.bus import (
-    close_clients,
-    commit_offsets,
-    create_topics,
-    lag,
-    make_consumer,
-    make_producer,
-    send_dead_letter,
-)
 from pipeline.config import Settings
-from pipeline.delivery.camera_status import CameraStatusDelivery
+from pipeline.delivery.camera_status import CameraStatusStage
 from pipeline.delivery.channels import SenderFactory
 from pipeline.delivery.dispatch import Dispatcher
 from pipeline.delivery.store import DeliveryLedger, ReplayAlerts, SubscriptionStore
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.redis_store import connect
+from pipeline.runtime.envelope import Envelope, Record, RecordError, Reject, StageResult
+from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
+from pipeline.runtime.topics import DEFECTS
 from schemas.events import DefectEvent
 
 log = get_logger(__name__)
-
-LAG_EVERY_S = 15.0
 
 
 @dataclass
@@ -47,110 +39,101 @@ class DeliverStats:
     commits: int = 0
 
 
+class DeliverStage(Stage):
+    """Events -> dispatcher lanes; offsets become committable as the lanes settle them."""
+
+    def __init__(self, dispatcher: Dispatcher, store: SubscriptionStore, max_in_flight: int, reload_s: float,
+                 lanes_stop: threading.Event) -> None:
+        self.dispatcher = dispatcher
+        self.store = store
+        self.max_in_flight = max_in_flight
+        self.reload_s = reload_s
+        self.lanes_stop = lanes_stop
+        self.fanned_out = 0
+        self.invalid = 0
+        self._last_reload = float("-inf")
+
+    def decode(self, env: Envelope) -> Any:
+        # An invalid event still takes its place in the partition's settle order (as settled).
+        try:
+            return Record(env, DEFECTS.codec(env))
+        except RecordError as exc:
+            return Record(env, exc)
+
+    def handle(self, records: Sequence[Record[Any]]) -> StageResult:
+        self._reload()
+        rejects: list[Reject] = []
+        for rec in records:
+            env = rec.envelope
+            event = rec.message if isinstance(rec.message, DefectEvent) else None
+            if event is None:
+                self.invalid += 1
+                rejects.append(Reject(env, rec.message.reason if isinstance(rec.message, RecordError)
+                                      else "invalid_event: not an event"))
+            self.fanned_out += self.dispatcher.submit(env.tp, env.offset, event)
+        return StageResult(rejects=rejects)
+
+    def on_tick(self) -> StageResult:
+        self._reload()
+        return StageResult()
+
+    def _reload(self) -> None:
+        if time.monotonic() - self._last_reload >= self.reload_s:
+            self.dispatcher.set_subscriptions(self.store.all())
+            self._last_reload = time.monotonic()
+
+    def committable(self) -> dict[TopicPartition, int]:
+        return dict(self.dispatcher.tracker.committable())  # type: ignore[arg-type]
+
+    def busy(self) -> bool:
+        return self.dispatcher.tracker.in_flight() >= self.max_in_flight
+
+    def settled(self) -> bool:
+        return self.dispatcher.tracker.in_flight() == 0
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        self.dispatcher.tracker.forget(partitions)
+
+    def on_stop(self) -> None:
+        # Lanes stop retrying; what they settled so far is committed by the runtime, the rest redelivered.
+        self.lanes_stop.set()
+        self.dispatcher.close()
+
+
 def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | None = None,
                 poll_timeout_ms: int = 200, max_records: int = 200, health: Health | None = None) -> DeliverStats:
     """Run until ``stop`` is set (or idle for ``idle_exit_s`` with nothing in flight).
 
     ``health`` gets the broker and Redis readiness checks and a beat per loop iteration.
     """
-    kafka = settings.kafka
     if health is not None:
         watch_dependencies(health, settings)
-    stats = DeliverStats()
-    wlog = log.bind(worker="deliver", group=settings.deliver.group_id)
     client = connect(settings.redis)
     prefix = settings.redis.key_prefix
-    store = SubscriptionStore(client, prefix)
     senders = SenderFactory(settings, client)
-    # Lanes stop retrying on their own stop event, set only after the loop ends.
     lanes_stop = threading.Event()
     dispatcher = Dispatcher(settings.deliver, DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s),
                             ReplayAlerts(client, prefix), senders, lanes_stop)
-    # Camera health (camera_down/up) to subscriptions: its own consumer and thread, only started here.
-    camera_status = CameraStatusDelivery(settings, client, senders, threading.Event()).start()
+    # Camera health (camera_down/up) to subscriptions: a second runtime on its own topic and group.
+    status_stop = threading.Event()
+    status_stage = CameraStatusStage(settings, client, senders, status_stop)
+    status_runtime = StreamRuntime(settings.kafka, CameraStatusStage.runtime_config(settings, poll_timeout_ms),
+                                   status_stage, stop=status_stop)
+    status_thread = threading.Thread(target=status_runtime.run, name="camera-status-runtime", daemon=True)
+    status_thread.start()
+    stage = DeliverStage(dispatcher, SubscriptionStore(client, prefix), settings.deliver.max_in_flight,
+                         settings.deliver.reload_s, lanes_stop)
+    config = RuntimeConfig(name="deliver", group_id=settings.deliver.group_id, topics=("defects",),
+                           max_batch=max_records, poll_timeout_ms=poll_timeout_ms, idle_exit_s=idle_exit_s)
     try:
-        create_topics(kafka, names=("defects", "dlq"))
-    except KafkaError as exc:
-        wlog.warning("topic_check_failed", error=repr(exc))
-    consumer = make_consumer(kafka, settings.deliver.group_id, ["defects"])
-    dlq = make_producer(kafka)
-    assigned: set[TopicPartition] = set()
-    committed: dict[TopicPartition, int] = {}
-    paused = False
-    last_record = time.monotonic()
-    last_reload = last_lag = 0.0
-    wlog.info("deliver_worker_started", topic=kafka.topic("defects"))
-    try:
-        while not stop.is_set():
-            if health is not None:
-                health.beat()
-            if time.monotonic() - last_reload >= settings.deliver.reload_s:
-                dispatcher.set_subscriptions(store.all())
-                last_reload = time.monotonic()
-            busy = dispatcher.tracker.in_flight() >= settings.deliver.max_in_flight
-            if busy != paused and assigned:
-                # Pausing keeps the group membership alive (polls continue) without fetching more.
-                (consumer.pause if busy else consumer.resume)(*assigned)
-                paused = busy
-            polled = consumer.poll(timeout_ms=poll_timeout_ms, max_records=max_records)
-            now_assigned = set(consumer.assignment())
-            if now_assigned != assigned:
-                dispatcher.tracker.forget(assigned - now_assigned)
-                for tp in assigned - now_assigned:
-                    committed.pop(tp, None)
-                if not assigned:
-                    last_record = time.monotonic()
-                assigned = now_assigned
-                paused = False
-                wlog.info("deliver_assignment", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
-            for records in polled.values():
-                for rec in records:
-                    stats.records += 1
-                    stats.fanned_out += dispatcher.submit(TopicPartition(rec.topic, rec.partition), rec.offset,
-                                                          _parse(rec, dlq, settings, stats))
-                    last_record = time.monotonic()
-            stats.commits += _commit(consumer, dispatcher, assigned, committed)
-            if time.monotonic() - last_lag >= LAG_EVERY_S and assigned:
-                lag(consumer)
-                last_lag = time.monotonic()
-            if (idle_exit_s is not None and assigned and dispatcher.tracker.in_flight() == 0
-                    and time.monotonic() - last_record >= idle_exit_s):
-                wlog.info("deliver_worker_idle_exit", idle_s=idle_exit_s)
-                break
+        rs = StreamRuntime(settings.kafka, config, stage, health=health, stop=stop).run()
     finally:
-        camera_status.close()
-        lanes_stop.set()
-        dispatcher.close()
-        # Whatever the lanes settled before stopping is committed; the rest is redelivered.
-        stats.commits += _commit(consumer, dispatcher, assigned, committed)
-        close_clients(consumer, dlq, "deliver")
+        status_stop.set()
+        status_thread.join(15.0)
+        stage.on_stop()
         senders.close()
         client.close()
-        wlog.info("deliver_worker_stopped", **asdict(stats))
+    stats = DeliverStats(records=rs.records, invalid=stage.invalid, fanned_out=stage.fanned_out,
+                         commits=rs.commits)
+    log.info("deliver_worker_stopped", **asdict(stats))
     return stats
-
-
-def _parse(rec: object, dlq: KafkaProducer, settings: Settings, stats: DeliverStats) -> DefectEvent | None:
-    try:
-        return DefectEvent.model_validate_json(rec.value)  # type: ignore[attr-defined]
-    except (ValidationError, ValueError, TypeError) as exc:
-        stats.invalid += 1
-        send_dead_letter(dlq, settings.kafka, rec, f"invalid_event: {str(exc)[:200]}",  # type: ignore[arg-type]
-                         stage="deliver").get(timeout=30)
-        return None
-
-
-def _commit(consumer: KafkaConsumer, dispatcher: Dispatcher, assigned: set[TopicPartition],
-            committed: dict[TopicPartition, int]) -> int:
-    offsets = {tp: off for tp, off in dispatcher.tracker.committable().items()
-               if tp in assigned and committed.get(tp) != off}  # type: ignore[call-overload]
-    if not offsets:
-        return 0
-    try:
-        commit_offsets(consumer, offsets)  # type: ignore[arg-type]
-    except CommitFailedError as exc:
-        log.warning("deliver_commit_failed", error=str(exc))
-        return 0
-    committed.update(offsets)  # type: ignore[arg-type]
-    return 1
-

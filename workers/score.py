@@ -1,39 +1,25 @@
-"""Scoring worker: a thin loop of consume -> micro-batch -> score -> produce -> commit.
+"""Scoring worker: wiring of the scoring stage onto the stream runtime (frames -> scores).
 
-At least once: offsets are committed only after every score and dead letter produced for the
-batch has been acknowledged by the broker. A crash before the commit re-scores the batch; the
-alert stage ignores scores it has already seen.
+At least once: the runtime commits frame offsets only after every score and dead letter of the
+batch is acknowledged. A crash before the commit re-scores the batch; the alert stage ignores
+scores it has already seen. The next micro-batch is fetched and decoded in a thread pool while
+the current one is on the model (``scoring.decode_workers``).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer
-from kafka.errors import CommitFailedError, KafkaError
-
-from pipeline.bus import (
-    commit_offsets,
-    create_topics,
-    lag,
-    make_consumer,
-    make_producer,
-    next_offsets,
-    send_dead_letter,
-    topic_name,
-)
 from pipeline.config import Settings
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.engine.prompt_cache import MemoryCache, PromptCache
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
-from pipeline.scoring.stage import Frame, Rejected, ScoringStage, Skipped
+from pipeline.runtime.loop import RuntimeConfig, StreamRuntime
+from pipeline.scoring.stage import ScoringStage
 
 log = get_logger(__name__)
-
-LAG_EVERY_S = 5.0
 
 
 @dataclass
@@ -55,22 +41,12 @@ def make_prompt_cache(settings: Settings) -> PromptCache:
     return RedisPromptCache.from_settings(settings.redis, local=local)
 
 
-def poll_batch(consumer: KafkaConsumer, max_batch: int, max_wait_ms: int, idle_timeout_ms: int = 500) -> list:
-    """Up to max_batch records: wait for the first, then at most max_wait_ms more for the rest."""
-    records: list = []
-    deadline: float | None = None
-    while len(records) < max_batch:
-        timeout = idle_timeout_ms if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-        polled = consumer.poll(timeout_ms=timeout, max_records=max_batch - len(records))
-        for recs in polled.values():
-            records.extend(recs)
-        if not records:
-            return records
-        if deadline is None:
-            deadline = time.monotonic() + max_wait_ms / 1000.0
-        if time.monotonic() >= deadline:
-            break
-    return records
+def score_runtime_config(settings: Settings, idle_exit_s: float | None = None) -> RuntimeConfig:
+    return RuntimeConfig(
+        name="score", group_id=settings.scoring.group_id, topics=("frames",), output_topics=("scores",),
+        max_batch=settings.scoring.max_batch, max_wait_ms=settings.scoring.max_wait_ms, poll_timeout_ms=500,
+        idle_exit_s=idle_exit_s, decode_workers=settings.scoring.decode_workers, max_pending_batches=2, lag_every_s=5.0,
+    )
 
 
 def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine | None = None,
@@ -79,7 +55,6 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
 
     ``health`` gets broker/Redis readiness checks, a ``model_loaded`` flag and a beat per loop iteration.
     """
-    kafka = settings.kafka
     model_loaded: threading.Event | None = None
     if health is not None:
         # Registered before the (slow) model load so /readyz explains why the worker is not ready yet.
@@ -93,73 +68,11 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
     stage.prepare_classes(c.product_class for c in settings.cameras)
     if model_loaded is not None:
         model_loaded.set()
-    try:
-        # Output topics with the configured partitions; left to broker auto-creation they would get
-        # the broker's default count (or not exist at all where auto-creation is off).
-        create_topics(kafka, names=("frames", "scores", "dlq"))
-    except KafkaError as exc:
-        log.warning("topic_check_failed", error=repr(exc))
-    consumer = make_consumer(kafka, settings.scoring.group_id, [topic_name(kafka, "frames")])
-    producer = make_producer(kafka)
-    scores_topic = topic_name(kafka, "scores")
-    stats = ScoreStats()
-    last_activity = time.monotonic()
-    last_lag = 0.0
     log.info("score_worker_started", group=settings.scoring.group_id, method=engine.method)
-    try:
-        while not stop.is_set():
-            if health is not None:
-                health.beat()
-            records = poll_batch(consumer, settings.scoring.max_batch, settings.scoring.max_wait_ms)
-            if not records:
-                if idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
-                    break
-                continue
-            last_activity = time.monotonic()
-            _handle(records, stage, producer, consumer, settings, scores_topic, stats)
-            if time.monotonic() - last_lag >= LAG_EVERY_S:
-                # A metadata round trip: per batch it would idle the model for nothing.
-                lag(consumer)
-                last_lag = time.monotonic()
-    finally:
-        producer.flush(timeout=10)
-        producer.close(timeout=5)
-        consumer.close()
-        log.info("score_worker_stopped", scored=stats.scored, rejected=stats.rejected, stale=stats.stale)
+    runtime = StreamRuntime(settings.kafka, score_runtime_config(settings, idle_exit_s), stage,
+                            health=health, stop=stop)
+    rs = runtime.run()
+    stats = ScoreStats(scored=rs.outputs, rejected=rs.rejected, stale=rs.skipped, batches=rs.batches,
+                       reasons=dict(rs.reasons))
+    log.info("score_worker_stopped", scored=stats.scored, rejected=stats.rejected, stale=stats.stale)
     return stats
-
-
-def _handle(records: list, stage: ScoringStage, producer: object, consumer: KafkaConsumer, settings: Settings,
-            scores_topic: str, stats: ScoreStats) -> None:
-    frames: list[Frame] = []
-    rejected: list[Rejected] = []
-    for rec in records:
-        verdict = stage.accept(rec.value, rec.headers, rec)
-        if isinstance(verdict, Frame):
-            frames.append(verdict)
-        elif isinstance(verdict, Rejected):
-            rejected.append(verdict)
-        elif isinstance(verdict, Skipped):
-            stats.stale += 1
-    scored, failed = stage.score(frames) if frames else ([], [])
-    rejected.extend(failed)
-    futures = [
-        producer.send(scores_topic, key=f.header.camera_id.encode(), value=msg.model_dump_json().encode())
-        for f, msg in scored
-    ]
-    for r in rejected:
-        code = r.reason.split(":", 1)[0]
-        stats.reasons[code] = stats.reasons.get(code, 0) + 1
-        futures.append(send_dead_letter(producer, settings.kafka, r.source, r.reason, stage="score"))
-    producer.flush(timeout=30)
-    for fut in futures:
-        fut.get(timeout=30)  # raises if the broker refused: the batch will be redelivered
-    try:
-        commit_offsets(consumer, next_offsets(records))
-    except CommitFailedError as exc:
-        # The group rebalanced meanwhile: the partition's new owner scores these frames again and
-        # alerting drops the duplicate scores by seq. Not worth stopping the worker for.
-        log.warning("score_commit_failed", error=str(exc), records=len(records))
-    stats.scored += len(scored)
-    stats.rejected += len(rejected)
-    stats.batches += 1

@@ -3,7 +3,8 @@
 A frame is anomalous when its image score reaches the product class's threshold. An event opens when
 ``k`` of the last ``n`` received frames are anomalous (its first frame is the earliest anomalous frame
 in that window); while open, anomalous frames extend it; it closes once ``quiet_s`` seconds of capture
-time pass without an anomalous frame. Frames whose seq is not above the last processed one are
+time pass without an anomalous frame, or (`tick`) when the camera sends nothing for ``silence_s`` of
+wall clock. Frames whose seq is not above the last processed one are
 redeliveries and change nothing, so at-least-once delivery cannot open an event twice.
 """
 
@@ -165,8 +166,8 @@ class Transition:
 class CameraState:
     """Debounce state of one camera in one session (live: ``replay_session`` None).
 
-    ``last_received_at`` is the worker's clock when the last frame was processed; `tick` uses it to
-    run the camera's capture clock forward while the camera is silent.
+    ``last_received_at`` is the worker's clock when the last frame was processed; `tick` closes the
+    open event once the camera has been silent for ``silence_s`` of it.
     """
 
     camera_id: str
@@ -249,16 +250,16 @@ def step(state: CameraState, score: ScoreMessage, threshold: float, settings: Al
 
 
 def tick(state: CameraState, now: float, settings: AlertSettings) -> list[Transition]:
-    """Close an open event of a silent camera once ``quiet_s`` has passed on its capture clock.
+    """Close the open event of a camera gone silent: no score for ``silence_s`` of wall clock.
 
-    The capture clock is extrapolated as ``last_capture_ts + (now - last_received_at)``, so a replay
-    with historical timestamps is judged by elapsed wall time rather than by its (old) capture times.
+    Quiet periods are judged on capture time in `step`; the wall clock only ends events of cameras
+    that stopped sending, so a scorer lagging behind (less than ``silence_s``) never splits a defect.
+    ``silence_s`` below ``quiet_s`` counts as ``quiet_s``.
     """
     ev = state.event
-    if ev is None or state.last_capture_ts is None or state.last_received_at is None:
+    if ev is None or state.last_received_at is None:
         return []
-    camera_now = state.last_capture_ts + max(0.0, now - state.last_received_at)
-    if camera_now - ev.last_ts >= settings.quiet_s:
+    if now - state.last_received_at >= max(settings.silence_s, settings.quiet_s):
         return [_close(state)]
     return []
 

@@ -1,23 +1,32 @@
 """The alert stage: batches of scores -> DefectEvent messages, with camera states cached and persisted.
 
-I/O is limited to Redis (thresholds, camera states); Kafka stays in the worker. Call order per batch:
-``process`` -> ``tick`` -> produce and flush events -> ``persist`` -> commit offsets, so a crash at
-any point replays records onto the last persisted state, where the seq check drops what was seen.
+States and thresholds sit behind small protocols (``state_store``: Redis for workers, memory for
+rescore and tests); Kafka stays in the runtime. Order per batch (the runtime's): ``handle`` ->
+``on_tick`` -> produce events and wait for their acks -> ``after_acked`` (persist) -> commit.
+A kill before the persist replays the records onto the last persisted state: the same events come
+out again with the same ids (event ids are camera + session + first frame), so delivery is at
+least once and a duplicate is recognisable by its id; a kill after it drops them by seq.
+
+Failover: every state is indexed by the partition its scores arrive on; a worker that is assigned
+a partition loads those states at once, so an event left open by a dead worker is closed by the
+wall clock (``alert.silence_s``) whether or not its camera ever sends another score.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from pipeline.alerting.debounce import CameraState, Transition, is_redelivery, step, tick
 from pipeline.alerting.render import build_event
-from pipeline.alerting.state_store import CameraStateStore, StateKey
+from pipeline.alerting.state_store import StateKey, StateStore, Thresholds
 from pipeline.config import AlertSettings
 from pipeline.logging import get_logger
 from pipeline.metrics import EVENTS_OPENED
-from pipeline.redis_store import ThresholdStore
+from pipeline.runtime.envelope import Output, Record, StageResult
+from pipeline.runtime.loop import Stage
 from schemas.events import DefectEvent
 from schemas.scores import ScoreMessage
 
@@ -28,14 +37,21 @@ def score_key(score: ScoreMessage) -> StateKey:
     return (score.frame.camera_id, score.frame.replay_session)
 
 
-class AlertStage:
-    """Per-camera debouncing over many cameras; states load lazily from Redis on first sight."""
+@dataclass
+class AlertCounts:
+    scores: int = 0
+    events_opened: int = 0
+    events_closed: int = 0
+
+
+class AlertStage(Stage):
+    """Per-camera debouncing over many cameras; states load from the store on assignment or first sight."""
 
     def __init__(
         self,
         settings: AlertSettings,
-        thresholds: ThresholdStore,
-        state_store: CameraStateStore,
+        thresholds: Thresholds,
+        state_store: StateStore,
         clock: Callable[[], float] = time.time,
         idle_evict_s: float | None = 3600.0,
     ) -> None:
@@ -48,6 +64,10 @@ class AlertStage:
         self._states: dict[StateKey, CameraState] = {}
         self._dirty: set[StateKey] = set()
         self._warned_regression: set[StateKey] = set()
+        self._owner: dict[StateKey, str] = {}  # state key -> "topic:partition" its scores arrive on
+        self._unindexed: dict[str, set[StateKey]] = {}
+        self._to_load: set[str] = set()  # assigned partitions whose states are not loaded yet
+        self.counts = AlertCounts()
 
     @property
     def states(self) -> Mapping[StateKey, CameraState]:
@@ -94,6 +114,8 @@ class AlertStage:
                   and now - state.last_received_at >= self._idle_evict_s):
                 idle.append(key)  # persisted and quiet: reloaded from Redis if it speaks again
         self.evict(idle)
+        for key in idle:
+            self._owner.pop(key, None)
         return events
 
     def persist(self) -> int:
@@ -112,6 +134,69 @@ class AlertStage:
         for key in keys:
             self._states.pop(key, None)
             self._dirty.discard(key)
+
+    # -- on the stream runtime ------------------------------------------------------------------
+    def handle(self, records: Sequence[Record[ScoreMessage]]) -> StageResult:
+        for rec in records:
+            key = score_key(rec.message)
+            partition = f"{rec.envelope.topic}:{rec.envelope.partition}"
+            if self._owner.get(key) != partition:
+                self._owner[key] = partition
+                self._unindexed.setdefault(partition, set()).add(key)
+        self.counts.scores += len(records)
+        return self._outputs(self.process([r.message for r in records]))
+
+    def on_tick(self) -> StageResult:
+        if self._to_load:
+            self._load_partitions()
+        return self._outputs(self.tick())
+
+    def after_acked(self) -> None:
+        """Events are acknowledged: persist the states (and partition index) behind them."""
+        for partition, keys in list(self._unindexed.items()):
+            self._store.index(partition, keys)
+            del self._unindexed[partition]
+        self.persist()
+
+    def rollback(self) -> None:
+        """Unsaved changes are dropped; the states reload from the store and the records replay."""
+        self.evict(list(self._dirty))
+        self._unindexed.clear()
+
+    def on_assigned(self, partitions: set) -> None:
+        self._to_load |= {f"{tp.topic}:{tp.partition}" for tp in partitions}
+        self._load_partitions()
+
+    def on_revoked(self, partitions: set) -> None:
+        names = {f"{tp.topic}:{tp.partition}" for tp in partitions}
+        self._to_load -= names
+        gone = [key for key, owner in self._owner.items() if owner in names]
+        self.evict(gone)
+        for key in gone:
+            del self._owner[key]
+        if gone:
+            log.info("alert_states_evicted", cameras=len(gone))
+
+    def _load_partitions(self) -> None:
+        """States of cameras indexed on newly assigned partitions: their open events get closed by
+        the wall clock (``tick``) even if the camera never sends another score."""
+        for partition in sorted(self._to_load):
+            keys = self._store.indexed(partition)
+            for key in keys:
+                self._owner.setdefault(key, partition)
+            self._load(keys)
+            self._to_load.discard(partition)
+            opened = [k for k in keys if (st := self._states.get(k)) is not None and st.event is not None]
+            log.info("alert_partition_loaded", partition=partition, cameras=len(keys), open_events=len(opened))
+
+    def _outputs(self, events: list[DefectEvent]) -> StageResult:
+        for ev in events:
+            if ev.status == "open":
+                self.counts.events_opened += 1
+            else:
+                self.counts.events_closed += 1
+        return StageResult(outputs=[Output("defects", ev.model_dump_json().encode(), key=ev.camera_id.encode())
+                                    for ev in events])
 
     # -- internals ----------------------------------------------------------------------------
     def _load(self, keys: Iterable[StateKey]) -> None:

@@ -5,33 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import Settings, load_settings
 from pipeline.logging import configure_logging, get_logger
+from pipeline.runtime.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from pipeline.health import Health
 
 log = get_logger(__name__)
-
-
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGINT/SIGTERM so worker loops finish their batch and commit."""
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: object) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -8,28 +8,28 @@ redelivered message is not sent twice. A delivery that fails every attempt is lo
 (``linewatch_deliveries_total{outcome="failed"}``), not dead-lettered: dead letters are defect events,
 and a stale camera_down is of no use by the time someone redrives it.
 
-`CameraStatusDelivery` is self-contained (its own consumer group on the camera-status topic and
-its own thread); the deliver worker only starts and closes it.
+`CameraStatusStage` is a stream-runtime stage on the camera-status topic (its own consumer group,
+``<deliver.group_id>-camera-status``); the deliver worker runs it beside the defects runtime.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatchcase
 from typing import Any
 
 import redis
-from kafka.errors import CommitFailedError, KafkaError
-from pydantic import ValidationError
 
-from pipeline.bus import close_clients, commit_offsets, create_topics, make_consumer, next_offsets
 from pipeline.config import Settings
 from pipeline.delivery.attempts import RetryPolicy, deliver
 from pipeline.delivery.channels import Sender
 from pipeline.delivery.store import DeliveryLedger, SubscriptionStore
 from pipeline.logging import get_logger
+from pipeline.runtime.envelope import Record, StageResult
+from pipeline.runtime.loop import RuntimeConfig, Stage
 from schemas.cameras import CAMERA_STATUS_TOPIC, CameraStatus
 from schemas.subscriptions import Notification, Subscription, SubscriptionFilter
 
@@ -52,31 +52,24 @@ def camera_notification(sub_id: str, status: CameraStatus) -> Notification:
                         event=event, sent_at=time.time())
 
 
-class CameraStatusDelivery:
-    """Consumes the camera-status topic (group ``<deliver.group_id>-camera-status``) into subscriptions."""
+class CameraStatusStage(Stage):
+    """camera-status records -> every matching subscription's channel; settled before the commit."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, make_sender: Any, stop: threading.Event,
-                 poll_timeout_ms: int = 200) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis, make_sender: Any, stop: threading.Event) -> None:
         prefix = settings.redis.key_prefix
-        self.settings = settings
         self.store = SubscriptionStore(client, prefix)
         self.ledger = DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s)
         self.make_sender = make_sender
         self.stop = stop
         self.delivered = 0
-        self._poll_timeout_ms = poll_timeout_ms
         self._senders: dict[str, tuple[Subscription, Sender]] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="camera-status")
-        self._thread = threading.Thread(target=self._run, name="camera-status-delivery", daemon=True)
         self._log = log.bind(worker="deliver", topic=CAMERA_STATUS_TOPIC)
 
-    def start(self) -> CameraStatusDelivery:
-        self._thread.start()
-        return self
-
-    def close(self, timeout: float = 15.0) -> None:
-        self.stop.set()
-        self._thread.join(timeout)
+    @staticmethod
+    def runtime_config(settings: Settings, poll_timeout_ms: int = 200) -> RuntimeConfig:
+        return RuntimeConfig(name="deliver-camera-status", group_id=f"{settings.deliver.group_id}-camera-status",
+                             topics=(CAMERA_STATUS_TOPIC,), max_batch=50, poll_timeout_ms=poll_timeout_ms)
 
     def _sender(self, sub: Subscription) -> Sender:
         held = self._senders.get(sub.id)
@@ -88,7 +81,16 @@ class CameraStatusDelivery:
         self._senders[sub.id] = (sub, sender)
         return sender
 
-    def handle(self, status: CameraStatus) -> bool:
+    def handle(self, records: Sequence[Record[Any]]) -> StageResult:
+        # Redis trouble raises out of here: the runtime retries the batch with backoff (transient).
+        for rec in records:
+            if not self.deliver_status(rec.message):
+                # Transient to the runtime: rewound and left uncommitted, so a restart delivers it.
+                raise TimeoutError("stopping before the camera status was delivered")
+            self.delivered += 1
+        return StageResult()
+
+    def deliver_status(self, status: CameraStatus) -> bool:
         """Deliver to every matching subscription, in parallel (a slow one delays no other).
 
         False when a delivery was interrupted by ``stop``: the message stays uncommitted."""
@@ -109,52 +111,8 @@ class CameraStatusDelivery:
         self.ledger.record_sent(sub.id, status.camera_id, status.status_id, None)
         return True
 
-    def _run(self) -> None:
-        kafka = self.settings.kafka
-        try:
-            create_topics(kafka, names=(CAMERA_STATUS_TOPIC,))
-        except KafkaError as exc:
-            self._log.warning("topic_check_failed", error=repr(exc))
-        consumer = make_consumer(kafka, f"{self.settings.deliver.group_id}-camera-status", [CAMERA_STATUS_TOPIC])
-        self._log.info("camera_status_delivery_started")
-        try:
-            while not self.stop.is_set():
-                for records in consumer.poll(timeout_ms=self._poll_timeout_ms).values():
-                    done = []
-                    for rec in records:
-                        try:
-                            status = CameraStatus.model_validate_json(rec.value)
-                        except (ValidationError, ValueError) as exc:
-                            self._log.warning("camera_status_invalid", offset=rec.offset, error=str(exc)[:200])
-                            done.append(rec)
-                            continue
-                        if not self._handle_until_done(status):
-                            break  # stopping: the rest is redelivered after a restart
-                        done.append(rec)
-                    if done:
-                        try:
-                            commit_offsets(consumer, next_offsets(done))
-                        except CommitFailedError as exc:  # rebalanced: the new owner delivers (ledger dedups)
-                            self._log.warning("camera_status_commit_failed", error=str(exc))
-        except Exception:
-            self._log.exception("camera_status_delivery_crashed")
-        finally:
-            close_clients(consumer, None, "deliver-camera-status")
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            for _, sender in self._senders.values():
-                sender.close()
-
-    def _handle_until_done(self, status: CameraStatus) -> bool:
-        delay = 0.5
-        while not self.stop.is_set():
-            try:
-                if not self.handle(status):
-                    return False
-                self.delivered += 1
-                return True
-            except redis.RedisError as exc:
-                self._log.warning("camera_status_retry", camera=status.camera_id, error=repr(exc), retry_in_s=delay)
-            if self.stop.wait(delay):
-                break
-            delay = min(delay * 2, 30.0)
-        return False
+    def on_stop(self) -> None:
+        self.stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _, sender in self._senders.values():
+            sender.close()

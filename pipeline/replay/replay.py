@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from pydantic import ValidationError
 
 from pipeline import imaging
-from pipeline.bus import create_topics, make_consumer, read_dead_letter, topic_name
+from pipeline.bus import read_dead_letter, topic_name
 from pipeline.config import KafkaSettings
 from pipeline.logging import get_logger
 from pipeline.replay.inputs import ReplayFrame, ReplayInput
+from pipeline.runtime.envelope import Envelope, Record, StageResult
+from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
 from schemas.events import DefectEvent
 from schemas.frames import FrameHeader
 from schemas.scores import ScoreMessage
@@ -94,33 +96,41 @@ def publish_frames(source: ReplayInput, producer: KafkaProducer, kafka: KafkaSet
     return result
 
 
-class SessionFollower:
-    """Scores, events and dead letters of one replay session, read from where the topics end now."""
+class SessionFollower(Stage):
+    """Scores, events and dead letters of one replay session, read from where the topics end now.
+
+    A read-only stage on the stream runtime (manual assignment at the end, nothing committed);
+    the replay runner drives it with ``poll``."""
 
     def __init__(self, kafka: KafkaSettings, session: str,
                  on_event: Callable[[DefectEvent], None] | None = None) -> None:
         self.session = session
         self._on_event = on_event
-        create_topics(kafka, names=("frames", "scores", "defects", "dlq"))
-        self._consumer: KafkaConsumer = make_consumer(kafka, None, [])
         self._topics = {name: topic_name(kafka, name) for name in ("scores", "defects", "dlq")}
-        tps = [TopicPartition(t, p) for t in self._topics.values()
-               for p in sorted(self._consumer.partitions_for_topic(t) or [])]
-        self._consumer.assign(tps)
-        # Fix the start now, before anything is published: earlier records belong to other runs.
-        for tp, end in self._consumer.end_offsets(tps).items():
-            self._consumer.seek(tp, end)
         self.scores: dict[tuple[str, int], ScoreMessage] = {}
         self.events: dict[str, DefectEvent] = {}
         self.rejected: set[tuple[str, int]] = set()
+        self._mine = 0
+        config = RuntimeConfig(name="replay-follow", group_id=None, topics=("scores", "defects", "dlq"),
+                               output_topics=("frames",), start="end", producer=False, max_batch=500)
+        self._runtime = StreamRuntime(kafka, config, self)
+        # Fix the start now, before anything is published: earlier records belong to other runs.
+        self._runtime.start()
 
     def poll(self, timeout_ms: int = 200) -> int:
         """Read what arrived; returns how many records of this session."""
-        mine = 0
-        for tp, records in self._consumer.poll(timeout_ms=timeout_ms).items():
-            for rec in records:
-                mine += self._take(tp.topic, rec)
-        return mine
+        self._runtime.config.poll_timeout_ms = timeout_ms
+        before = self._mine
+        self._runtime.step()
+        return self._mine - before
+
+    def decode(self, env: Envelope) -> Envelope:
+        return env  # judged in handle: another session's malformed record is not ours to dead-letter
+
+    def handle(self, records: Sequence[Record[Envelope]]) -> StageResult:
+        for rec in records:
+            self._mine += self._take(rec.envelope.topic, rec.envelope)
+        return StageResult()
 
     def _take(self, topic: str, rec: object) -> int:
         value = rec.value  # type: ignore[attr-defined]
@@ -138,10 +148,10 @@ class SessionFollower:
                 if self._on_event is not None:
                     self._on_event(event)
             else:
-                header = FrameHeader.from_headers(rec.headers)  # type: ignore[attr-defined]
+                header = FrameHeader.from_headers(list(rec.headers))  # type: ignore[attr-defined]
                 if header.replay_session != self.session:
                     return 0
-                read_dead_letter(rec.headers)  # type: ignore[attr-defined]
+                read_dead_letter(list(rec.headers))  # type: ignore[attr-defined]
                 self.rejected.add((header.camera_id, header.seq))
         except (ValidationError, ValueError):
             return 0  # someone else's malformed record: not ours to judge
@@ -156,4 +166,4 @@ class SessionFollower:
         return sum(1 for e in self.events.values() if e.status == "open")
 
     def close(self) -> None:
-        self._consumer.close()
+        self._runtime.close()

@@ -11,29 +11,29 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-import redis
 from kafka import KafkaConsumer, TopicPartition
 from tqdm import tqdm
 
 from pipeline.alerting.stage import AlertStage
-from pipeline.alerting.state_store import CameraStateStore
-from pipeline.bus import create_topics, make_consumer, make_producer, topic_name
+from pipeline.alerting.state_store import MemoryStateStore, MemoryThresholds
+from pipeline.bus import create_topics, make_consumer, topic_name
 from pipeline.config import Settings
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
 from pipeline.replay.report import RunSummary, write_report
+from pipeline.runtime.envelope import Envelope, Record, StageResult
+from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
 from pipeline.scoring.stage import Frame, ScoringStage
 from schemas.events import DefectEvent
 from schemas.scores import ScoreMessage
 
 log = get_logger(__name__)
-
-# An hour of in-memory alert state is plenty for a report; Redis forgets it afterwards.
-STATE_TTL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,42 @@ def plan_ranges(consumer: KafkaConsumer, topic: str, starts: dict[int | None, in
     return ranges
 
 
+class RescoreStage(Stage):
+    """Scoring as the live worker does, into the results topic, with alerting in memory for the report."""
+
+    def __init__(self, scoring: ScoringStage, alerts: AlertStage, results_topic: str, summary: RunSummary,
+                 bar: tqdm) -> None:
+        self.scoring = scoring
+        self.alerts = alerts
+        self.results_topic = results_topic
+        self.summary = summary
+        self.bar = bar
+        self.scores: list[ScoreMessage] = []
+        self.events: dict[str, DefectEvent] = {}
+
+    def decode(self, env: Envelope) -> Any:
+        verdict = self.scoring.decode(env)
+        if not isinstance(verdict, Frame):
+            self._read(1, rejected=1)
+        return verdict
+
+    def handle(self, records: Sequence[Record[Frame]]) -> StageResult:
+        result = self.scoring.handle(records)
+        messages = sorted((ScoreMessage.model_validate_json(o.value) for o in result.outputs),
+                          key=lambda m: (m.frame.camera_id, m.frame.seq))
+        self.scores.extend(messages)
+        for ev in self.alerts.process(messages):
+            self.events[ev.event_id] = ev
+        self._read(len(records), rejected=len(result.rejects))
+        return StageResult(outputs=[replace(o, topic=self.results_topic) for o in result.outputs],
+                           rejects=result.rejects)
+
+    def _read(self, n: int, rejected: int) -> None:
+        self.summary.frames_rejected += rejected
+        self.summary.frames_published += n  # frames read back, in rescore terms
+        self.bar.update(n)
+
+
 def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, int], ends: dict[int | None, int],
             results_topic: str, report_dir: Path, session: str, stop: threading.Event | None = None,
             progress: bool = True) -> tuple[RunSummary, Path]:
@@ -98,18 +134,41 @@ def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, 
     consumer = make_consumer(kafka, None, [])
     try:
         ranges = plan_ranges(consumer, frames_topic, starts, ends)
-        summary.notes.append("ranges: " + ", ".join(f"{r.partition}:{r.start}..{r.end}" for r in ranges))
-        scoring = settings.scoring.model_copy(update={"staleness_s": None})  # old frames are the point
-        stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot)
-        client = connect(settings.redis)
-        alerts = AlertStage(settings.alert, ThresholdStore(client, settings.redis.key_prefix),
-                            CameraStateStore(client, f"{settings.redis.key_prefix}:rescore:{session}", STATE_TTL_S),
-                            idle_evict_s=None)
-        scores, events = _run(consumer, ranges, stage, alerts, settings, results_topic, summary, stop, progress)
-        _drop_states(client, f"{settings.redis.key_prefix}:rescore:{session}")
-        client.close()
     finally:
         consumer.close()
+    summary.notes.append("ranges: " + ", ".join(f"{r.partition}:{r.start}..{r.end}" for r in ranges))
+    scoring = settings.scoring.model_copy(update={"staleness_s": None})  # old frames are the point
+    scoring_stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot)
+    thresholds: dict[str, float] = {}
+    if settings.redis.url:
+        client = connect(settings.redis)
+        try:
+            thresholds = dict(ThresholdStore(client, settings.redis.key_prefix).all())
+        finally:
+            client.close()
+    # Alert state in memory only: nothing of a rescore reaches live alert state.
+    alerts = AlertStage(settings.alert, MemoryThresholds(thresholds), MemoryStateStore(), idle_evict_s=None)
+    total = sum(r.end - r.start for r in ranges if r.end is not None)
+    bar = tqdm(total=total, unit="frame", desc=summary.session, disable=not progress, file=sys.stderr)
+    stage = RescoreStage(scoring_stage, alerts, results_topic, summary, bar)
+    tps = {TopicPartition(frames_topic, r.partition): r for r in ranges}
+    config = RuntimeConfig(name="rescore", group_id=None, topics=("frames",), dead_letters=False,
+                           max_batch=settings.scoring.max_batch, poll_timeout_ms=500,
+                           start_offsets={tp: r.start for tp, r in tps.items()},
+                           end_offsets={tp: r.end or 0 for tp, r in tps.items()})
+    runtime = StreamRuntime(kafka, config, stage, stop=stop)
+    try:
+        if tps:
+            runtime.run()
+        # Close what is still open as if the cameras went quiet after the range.
+        for ev in alerts.tick(now=time.time() + 1e9):
+            stage.events[ev.event_id] = ev
+    finally:
+        bar.close()
+    if stop.is_set() and not runtime.ranges_done:
+        summary.complete = False
+        summary.notes.append("interrupted")
+    scores, events = stage.scores, stage.events
     summary.frames_scored = len(scores)
     summary.events = len(events)
     if scores:
@@ -118,62 +177,3 @@ def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, 
     summary.wall_s = time.monotonic() - started
     path = write_report(report_dir, summary, scores, list(events.values()))
     return summary, path
-
-
-def _run(consumer: KafkaConsumer, ranges: list[OffsetRange], stage: ScoringStage, alerts: AlertStage,
-         settings: Settings, results_topic: str, summary: RunSummary, stop: threading.Event,
-         progress: bool) -> tuple[list[ScoreMessage], dict[str, DefectEvent]]:
-    frames_topic = topic_name(settings.kafka, "frames")
-    todo = {TopicPartition(frames_topic, r.partition): r for r in ranges}
-    consumer.assign(list(todo))
-    for tp, r in todo.items():
-        consumer.seek(tp, r.start)
-    producer = make_producer(settings.kafka)
-    scores: list[ScoreMessage] = []
-    events: dict[str, DefectEvent] = {}
-    total = sum(r.end - r.start for r in ranges if r.end is not None)
-    bar = tqdm(total=total, unit="frame", desc=summary.session, disable=not progress, file=sys.stderr)
-    try:
-        while todo and not stop.is_set():
-            batch: list[Frame] = []
-            read = 0
-            for tp, records in consumer.poll(timeout_ms=500, max_records=settings.scoring.max_batch).items():
-                r = todo.get(tp)
-                for rec in records:
-                    if r is None or rec.offset >= (r.end or 0):
-                        break
-                    read += 1
-                    verdict = stage.accept(rec.value, rec.headers, rec)
-                    if isinstance(verdict, Frame):
-                        batch.append(verdict)
-                    else:
-                        summary.frames_rejected += 1
-                if r is not None and consumer.position(tp) >= (r.end or 0):
-                    consumer.pause(tp)
-                    del todo[tp]
-            scored, failed = stage.score(batch) if batch else ([], [])
-            summary.frames_rejected += len(failed)
-            messages = [m for _, m in sorted(scored, key=lambda fm: (fm[1].frame.camera_id, fm[1].frame.seq))]
-            for msg in messages:
-                producer.send(results_topic, key=msg.frame.camera_id.encode(), value=msg.model_dump_json().encode())
-            scores.extend(messages)
-            for ev in alerts.process(messages):
-                events[ev.event_id] = ev
-            summary.frames_published += read  # frames read back, in rescore terms
-            bar.update(read)
-        # Close what is still open as if the cameras went quiet after the range.
-        for ev in alerts.tick(now=time.time() + 1e9):
-            events[ev.event_id] = ev
-        producer.flush(timeout=30)
-    finally:
-        bar.close()
-        producer.close(timeout=5)
-    if stop.is_set() and todo:
-        summary.complete = False
-        summary.notes.append("interrupted")
-    return scores, events
-
-
-def _drop_states(client: redis.Redis, prefix: str) -> None:
-    for key in client.scan_iter(match=f"{prefix}:*", count=500):
-        client.delete(key)

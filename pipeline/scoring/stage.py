@@ -22,6 +22,8 @@ from pipeline.engine.engine import AnomalyEngine, FrameScore
 from pipeline.imaging import FrameDecodeError, decode_image, encode_jpeg, quantize_map
 from pipeline.logging import get_logger
 from pipeline.metrics import BATCH_SIZE, END_TO_END_SECONDS, FRAMES_SCORED, FRAMES_STALE, SCORING_SECONDS
+from pipeline.runtime.envelope import Envelope, Output, Record, Reject, Skip, StageResult
+from pipeline.runtime.loop import Stage
 from schemas import FrameHeader, ScoreMessage
 
 log = get_logger(__name__)
@@ -55,7 +57,7 @@ def thumbnail(image: np.ndarray, width: int = THUMBNAIL_WIDTH) -> bytes:
     return encode_jpeg(image, quality=80)
 
 
-class ScoringStage:
+class ScoringStage(Stage):
     def __init__(self, engine: AnomalyEngine, settings: ScoringSettings, shots_dir: Path | None = None,
                  k_shot: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
@@ -136,9 +138,33 @@ class ScoringStage:
                         failed.append(Rejected(f"scoring_failed: {_first_line(single)}", f.source))
                         results.append(None)
             for f, r in zip(group, results, strict=True):
-                if r is not None:
+                if r is None:
+                    continue
+                try:
                     done.append((f, self._message(f, r)))
+                except Exception as exc:  # e.g. a thumbnail that cannot be encoded: this frame only
+                    failed.append(Rejected(f"message_failed: {type(exc).__name__}: {_first_line(exc)}", f.source))
         return done, failed
+
+    # -- on the stream runtime ------------------------------------------------------------------
+    def decode(self, env: Envelope) -> Frame | Reject | Skip:
+        """Runs in the runtime's decode pool: validate and decode the image of one frame record."""
+        verdict = self.accept(env.value, list(env.headers), env)
+        if isinstance(verdict, Rejected):
+            return Reject(env, verdict.reason)
+        if isinstance(verdict, Skipped):
+            return Skip(env, verdict.reason)
+        return verdict
+
+    def handle(self, records: Sequence[Record[Frame]]) -> StageResult:
+        """Score a micro-batch of decoded frames: one score message per frame, or its reject."""
+        scored, failed = self.score([r.message for r in records])
+        return StageResult(
+            outputs=[Output("scores", msg.model_dump_json().encode(), key=f.header.camera_id.encode(),
+                            source=f.source if isinstance(f.source, Envelope) else None)
+                     for f, msg in scored],
+            rejects=[Reject(r.source, r.reason) for r in failed if isinstance(r.source, Envelope)],
+        )
 
     def _timed_score(self, group: Sequence[Frame], product_class: str) -> list[FrameScore | None]:
         start = time.perf_counter()
@@ -151,7 +177,7 @@ class ScoringStage:
     @staticmethod
     def _ingest_ts(frame: Frame) -> float:
         """Capture time for live frames; for replays (recorded hours ago) the broker's append time."""
-        broker_ms = getattr(frame.source, "timestamp", None)
+        broker_ms = getattr(frame.source, "timestamp_ms", getattr(frame.source, "timestamp", None))
         if frame.header.replay_session is not None and isinstance(broker_ms, int) and broker_ms > 0:
             return broker_ms / 1000.0
         return frame.header.capture_ts

@@ -1,0 +1,1 @@
+"""The stream runtime under every consuming worker (see ``pipeline.runtime.loop``)."""

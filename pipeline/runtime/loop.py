@@ -1,0 +1,772 @@
+"""One runtime loop under every consuming worker: poll, decode, stage, produce, ack, commit.
+
+:class:`StreamRuntime` owns the consumer, the producer, the commits and the rebalance listener; a
+worker is wiring: it builds a :class:`Stage` and a :class:`RuntimeConfig` and calls ``run(stop)``.
+
+Per micro-batch (``max_batch`` records, waiting ``max_wait_ms`` after the first):
+
+1. every record is decoded with its topic's codec (or the stage's own ``decode``) into a
+   ``Record``, a ``Reject`` (to the DLQ) or a ``Skip``; with ``decode_workers`` the next batch is
+   fetched and decoded in a thread pool while the stage works on the current one;
+2. ``stage.handle(records)`` returns outputs and rejects; if it raises, the stage is rolled back
+   and the batch retried record by record, and a record that still fails is dead-lettered;
+3. outputs are produced asynchronously; a refused output (too large, invalid) dead-letters its
+   source record; broker trouble is retried with backoff (the producer is rebuilt when it stays
+   broken) until every output is acknowledged;
+4. ``stage.after_acked()`` (e.g. persisting alert state), then offsets are committed.
+
+Infrastructure errors (broker, Redis) raised by the stage roll the batch back and rewind the
+consumer: the worker waits with backoff, readiness says why, liveness stays true, and it resumes
+by itself. ``stop`` (SIGINT/SIGTERM through ``stop_on_signals``) ends it after the current batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+
+from pipeline.bus import create_topics, lag, make_consumer, make_producer, send_dead_letter
+from pipeline.config import KafkaSettings
+from pipeline.health import Health
+from pipeline.logging import get_logger
+from pipeline.metrics import RUNTIME_BATCH_SECONDS, RUNTIME_DEGRADED, RUNTIME_RECORDS
+from pipeline.runtime.envelope import (
+    Decoded,
+    Envelope,
+    Output,
+    Record,
+    RecordError,
+    Reject,
+    Skip,
+    StageResult,
+    first_line,
+)
+from pipeline.runtime.policy import Backoff, is_record_error, is_transient, reason_code
+from pipeline.runtime.signals import stop_on_signals
+from pipeline.runtime.topics import codec_for, full_name
+
+__all__ = ["RuntimeConfig", "RuntimeStats", "Stage", "StreamRuntime", "stop_on_signals"]
+
+log = get_logger(__name__)
+
+Decoder = Callable[[Envelope], Any]
+
+
+class Stage:
+    """A batch handler; subclasses override ``handle`` and whichever hooks they need.
+
+    Every hook runs in the runtime's thread. The stage never sees a Kafka client.
+    """
+
+    def decode(self, env: Envelope) -> Any:
+        """Envelope -> message (or a ``Reject``/``Skip``); raise ``RecordError`` to dead-letter.
+
+        Runs in the decode thread pool when the runtime has one. ``None`` here means "use the
+        topic's codec" (the default)."""
+        return NotImplemented
+
+    def handle(self, records: Sequence[Record[Any]]) -> StageResult:
+        raise NotImplementedError
+
+    def on_tick(self) -> StageResult:
+        """Called once per loop iteration, records or not (e.g. closing events by wall clock)."""
+        return StageResult()
+
+    def after_acked(self) -> None:
+        """Every output so far is acknowledged; about to commit (e.g. persist state)."""
+
+    def rollback(self) -> None:
+        """``handle`` raised, or its outputs were not acknowledged: forget unsaved changes."""
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        """Partitions this worker now owns (load their state)."""
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Partitions this worker no longer owns (their offsets are already committed)."""
+
+    def committable(self) -> dict[TopicPartition, int] | None:
+        """Offsets to commit when the stage settles records itself (asynchronous delivery);
+        None: the runtime commits every handled batch."""
+        return None
+
+    def on_stop(self) -> None:
+        """The loop ended: settle what can be settled before the final commit."""
+
+    def busy(self) -> bool:
+        """True pauses fetching (the stage has too much in flight)."""
+        return False
+
+    def settled(self) -> bool:
+        """Nothing in flight: an idle exit may happen."""
+        return True
+
+
+@dataclass
+class RuntimeConfig:
+    name: str  # the worker: metric label, log field, health check name
+    group_id: str | None  # None: manual assignment of every partition, nothing committed
+    topics: Sequence[str]  # logical names
+    output_topics: Sequence[str] = ()  # created at start with the configured partitions
+    max_batch: int = 100
+    max_wait_ms: int = 0
+    poll_timeout_ms: int = 200
+    idle_exit_s: float | None = None
+    decode_workers: int = 0  # >0: fetch and decode the next batch while the stage runs
+    start: str = "committed"  # manual assignment: "beginning", "end"; or see ``start_offsets``
+    start_offsets: dict[TopicPartition, int] | None = None  # manual assignment at these offsets
+    end_offsets: dict[TopicPartition, int] | None = None  # stop reading a partition here (exclusive)
+    max_pending_batches: int = 1  # 2: a batch's acks are awaited while the stage works on the next
+    lag_every_s: float = 15.0
+    ack_timeout_s: float = 30.0
+    consumer_overrides: dict[str, Any] = field(default_factory=dict)
+    producer: bool = True  # False: a read-only worker (no outputs, no DLQ)
+    dead_letters: bool = True  # False: rejects are logged and skipped (rescore keeps off live topics)
+
+
+@dataclass
+class RuntimeStats:
+    records: int = 0
+    rejected: int = 0  # dead letters acknowledged
+    reasons: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    outputs: int = 0  # outputs acknowledged
+    batches: int = 0
+    commits: int = 0
+    retries: int = 0
+
+
+class _TransientError(Exception):
+    """Internal: infrastructure failed; rewind and retry after a backoff."""
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, runtime: StreamRuntime) -> None:
+        self._runtime = runtime
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._runtime._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._runtime._on_assigned(set(assigned))
+
+
+@dataclass
+class _Pending:
+    """Outputs of one batch in flight, and the offsets they free once acknowledged."""
+
+    offsets: dict[TopicPartition, int]
+    batch: list[Envelope]
+    sends: list[tuple[Output, Reject | None, Any]]
+
+
+class StreamRuntime:
+    def __init__(self, kafka: KafkaSettings, config: RuntimeConfig, stage: Stage, *,
+                 health: Health | None = None, stop: threading.Event | None = None,
+                 beat: Callable[[], None] | None = None) -> None:
+        self.kafka = kafka
+        self._beat_fn = beat
+        self.config = config
+        self.stage = stage
+        self.health = health
+        self.stop = stop or threading.Event()
+        self.stats = RuntimeStats()
+        self.log = log.bind(worker=config.name, group=config.group_id)
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
+        self._pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix=f"{config.name}-decode") \
+            if config.decode_workers > 0 else None
+        self._assigned: set[TopicPartition] = set()
+        self._done: dict[TopicPartition, int] = {}  # handled, acked, not yet committed
+        self._committed: dict[TopicPartition, int] = {}
+        self._prefetched: list[tuple[Envelope, Future[Decoded] | Decoded]] = []
+        self._pending: list[_Pending] = []
+        self._paused = False
+        self._finished: set[TopicPartition] = set()  # manual ranges read to their end
+        self._degraded: str | None = None
+        self._backoff = Backoff()
+        self._last_record = time.monotonic()
+        self._last_lag = 0.0
+        self._started = False
+        stage_decode = type(stage).decode is not Stage.decode
+        self._decoders: dict[str, Decoder] = {}
+        self._stage_decode = stage.decode if stage_decode else None
+        if health is not None:
+            health.add_check(f"{config.name}_stream", self._readiness, cache_s=0.0)
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def degraded(self) -> str | None:
+        """Why the worker is waiting (broker or Redis trouble), or None while it works."""
+        return self._degraded
+
+    @property
+    def consumer(self) -> KafkaConsumer | None:
+        return self._consumer
+
+    def run(self) -> RuntimeStats:
+        """Loop until ``stop`` is set, the idle limit passes, or every manual range is read."""
+        try:
+            self.start()
+            while not self.stop.is_set():
+                self.step()
+                if self._idle_exit():
+                    self.log.info("stream_idle_exit", idle_s=self.config.idle_exit_s)
+                    break
+                if self.ranges_done:
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    @property
+    def ranges_done(self) -> bool:
+        ends = self.config.end_offsets
+        return ends is not None and set(ends) <= self._finished
+
+    def start(self) -> None:
+        """Create topics and clients, waiting (with backoff) while the broker is unreachable."""
+        if self._started:
+            return
+        names = [*self.config.topics, *self.config.output_topics]
+        if self.config.producer and self.config.dead_letters:
+            names.append("dlq")
+        while not self.stop.is_set():
+            try:
+                # Topics with the configured partitions, not the broker's auto-creation default.
+                create_topics(self.kafka, names=tuple(dict.fromkeys(names)))
+                self._consumer = self._make_consumer()
+                if self.config.producer:
+                    self._producer = make_producer(self.kafka)
+                break
+            except KafkaError as exc:
+                self._wait("broker", f"broker unavailable: {first_line(exc)}")
+        self._started = True
+        self._set_degraded(None)
+        self.log.info("stream_started", topics=[full_name(self.kafka, t) for t in self.config.topics])
+
+    def step(self) -> int:
+        """One iteration: settle, poll, decode, handle, produce, commit. Returns records handled."""
+        self._beat()
+        if self._consumer is None:
+            self.start()
+            if self._consumer is None:
+                return 0
+        try:
+            n = self._step()
+            if self._degraded is not None:
+                self._set_degraded(None)
+            self._backoff.reset()
+            return n
+        except _TransientError as exc:
+            self._wait("transient", str(exc))
+            return 0
+
+    def close(self) -> None:
+        """Commit what is acknowledged, then close the clients (never raises)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self._settle_until(0)
+        except Exception as exc:  # left uncommitted: handled again by the next owner
+            self.log.warning("stream_final_settle_failed", error=first_line(exc))
+        try:
+            self.stage.on_stop()
+        except Exception as exc:
+            self.log.warning("stage_on_stop_failed", error=first_line(exc))
+        try:
+            self._commit()
+        except Exception as exc:
+            self.log.warning("stream_final_commit_failed", error=first_line(exc))
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except Exception as exc:
+                self.log.warning("consumer_close_failed", error=first_line(exc))
+            self._consumer = None
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception as exc:
+                self.log.warning("producer_close_failed", error=first_line(exc))
+            self._producer = None
+        self.log.info("stream_stopped", **asdict(self.stats))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _step(self) -> int:
+        consumer = self._consumer
+        assert consumer is not None
+        self._apply_backpressure()
+        batch = self._prefetched or self._decode_all(self._poll(self.config.poll_timeout_ms, wait=True))
+        self._prefetched = []
+        if self._pool is not None and batch:
+            # Overlap: fetch and decode the next batch while the stage works on this one.
+            self._prefetched = self._decode_all(self._poll(0, wait=False))
+        if self.config.group_id is not None:
+            batch = [item for item in batch if item[0].tp in self._assigned]  # revoked meanwhile
+        started = time.perf_counter()
+        results = self._resolve(batch)
+        if results:
+            self._last_record = time.monotonic()
+            self.stats.records += len(results)
+            self._handle(results)
+            RUNTIME_BATCH_SECONDS.labels(worker=self.config.name).observe(time.perf_counter() - started)
+            self.stats.batches += 1
+            self._last_record = time.monotonic()  # idle time counts from the end of the work
+        else:
+            self._settle_until(0)  # nothing new: settle what is in flight so it can be committed
+        self._tick()
+        self._commit()
+        if time.monotonic() - self._last_lag >= self.config.lag_every_s and self._assigned \
+                and self.config.group_id is not None:
+            try:
+                lag(consumer)
+            except Exception as exc:  # a metric is no reason to stop
+                self.log.debug("lag_failed", error=first_line(exc))
+            self._last_lag = time.monotonic()
+        return len(results)
+
+    def _poll(self, timeout_ms: int, wait: bool) -> list[Envelope]:
+        """Up to max_batch records: wait for the first, then at most max_wait_ms for the rest."""
+        consumer = self._consumer
+        assert consumer is not None
+        cfg = self.config
+        out: list[Envelope] = []
+        deadline: float | None = None
+        while len(out) < cfg.max_batch:
+            if deadline is not None:
+                timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_batch - len(out))
+            for tp, recs in polled.items():
+                end = cfg.end_offsets.get(tp) if cfg.end_offsets is not None else None
+                for rec in recs:
+                    if end is not None and rec.offset >= end:
+                        break
+                    out.append(Envelope.from_record(rec))
+                if end is not None and consumer.position(tp) >= end:
+                    consumer.pause(tp)
+                    self._finished.add(tp)
+            if cfg.end_offsets is not None:
+                for tp, end in cfg.end_offsets.items():
+                    if tp not in self._finished and consumer.position(tp) >= end:
+                        consumer.pause(tp)
+                        self._finished.add(tp)
+            if not out or not wait:
+                return out
+            if deadline is None:
+                deadline = time.monotonic() + cfg.max_wait_ms / 1000.0
+            if time.monotonic() >= deadline:
+                break
+        return out
+
+    def _decoder(self, topic: str) -> Decoder:
+        if self._stage_decode is not None:
+            return self._stage_decode
+        found = self._decoders.get(topic)
+        if found is None:
+            found = self._decoders[topic] = codec_for(self.kafka, topic)
+        return found
+
+    def _decode_one(self, env: Envelope) -> Decoded:
+        try:
+            out = self._decoder(env.topic)(env)
+        except RecordError as exc:
+            return Reject(env, exc.reason)
+        except Exception as exc:  # whatever a hostile record makes a decoder raise
+            return Reject(env, f"decode_failed: {type(exc).__name__}: {first_line(exc)}")
+        if isinstance(out, Record | Reject | Skip):
+            return out
+        return Record(env, out)
+
+    def _decode_all(self, envs: list[Envelope]) -> list[tuple[Envelope, Future[Decoded] | Decoded]]:
+        if self._pool is None:
+            return [(env, self._decode_one(env)) for env in envs]
+        return [(env, self._pool.submit(self._decode_one, env)) for env in envs]
+
+    @staticmethod
+    def _resolve(batch: list[tuple[Envelope, Future[Decoded] | Decoded]]) -> list[Decoded]:
+        out: list[Decoded] = []
+        for env, item in batch:
+            if isinstance(item, Future):
+                try:
+                    item = item.result()
+                except Exception as exc:
+                    item = Reject(env, f"decode_failed: {first_line(exc)}")
+            out.append(item)
+        return out
+
+    def _handle(self, decoded: list[Decoded]) -> None:
+        records = [d for d in decoded if isinstance(d, Record)]
+        rejects = [d for d in decoded if isinstance(d, Reject)]
+        skipped = sum(isinstance(d, Skip) for d in decoded)
+        self.stats.skipped += skipped
+        if skipped:
+            RUNTIME_RECORDS.labels(worker=self.config.name, outcome="skipped").inc(skipped)
+        offsets = _next_offsets(d.envelope for d in decoded)
+        try:
+            result = self.stage.handle(records) if records else StageResult()
+        except Exception as exc:
+            self.stage.rollback()
+            if is_transient(exc):
+                self._rewind([d.envelope for d in decoded])
+                raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
+            self.log.warning("batch_failed_retrying_singly", records=len(records), error=first_line(exc))
+            self.stats.retries += 1
+            self._settle_until(0)
+            self._handle_singly(records, rejects)
+            self._settle_until(0)
+            self._done_up_to(offsets)
+            return
+        result.rejects[:0] = rejects
+        self._deliver(result, [d.envelope for d in decoded], offsets)
+
+    def _handle_singly(self, records: list[Record[Any]], rejects: list[Reject]) -> None:
+        self._deliver(StageResult(rejects=rejects), [r.envelope for r in records])
+        self._settle_until(0)
+        for i, rec in enumerate(records):
+            try:
+                result = self.stage.handle([rec])
+            except Exception as exc:
+                self.stage.rollback()
+                if is_transient(exc):
+                    self._rewind([r.envelope for r in records[i:]])
+                    raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
+                result = StageResult(rejects=[Reject(rec.envelope, f"stage_failed: {type(exc).__name__}: "
+                                                                    f"{first_line(exc)}")])
+            self._deliver(result, [r.envelope for r in records[i:]])
+            self._settle_until(0)
+
+    def _tick(self) -> None:
+        try:
+            result = self.stage.on_tick()
+        except Exception as exc:
+            self.stage.rollback()
+            if is_transient(exc):
+                raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
+            self.log.error("stage_tick_failed", error=first_line(exc))
+            return
+        if result.outputs or result.rejects:
+            self._deliver(result, [])
+
+    # -- producing --------------------------------------------------------------------------------
+    def _deliver(self, result: StageResult, batch: list[Envelope],
+                 offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Produce outputs and dead letters now; settle them (acks, then ``after_acked``, then the
+        offsets become committable) once more than ``max_pending_batches - 1`` batches are in flight.
+
+        With ``max_pending_batches=2`` the acks of one batch are awaited while the stage works on the
+        next one; commits still wait for every ack of a batch."""
+        sends: list[tuple[Output, Reject | None]] = [(o, None) for o in result.outputs]
+        sends.extend((Output("dlq", b""), rej) for rej in result.rejects)
+        self._pending.append(_Pending(offsets or {}, batch, self._send_all(sends)))
+        self._settle_until(self.config.max_pending_batches - 1)
+
+    def _send_all(self, sends: list[tuple[Output, Reject | None]]) -> list[tuple[Output, Reject | None, Any]]:
+        """Send each; the third item is the future, or the exception the send raised at once."""
+        limit = self.kafka.max_message_bytes
+        out: list[tuple[Output, Reject | None, Any]] = []
+        for o, rej in sends:
+            try:
+                if rej is not None:
+                    fut: Any = self._send_dead_letter(rej.envelope, rej.reason)
+                elif o.size > limit:
+                    raise _TooLargeError(f"output of {o.size} bytes > max_message_bytes {limit}")
+                else:
+                    fut = self._send(o)
+            except Exception as exc:
+                fut = exc
+            out.append((o, rej, fut))
+        return out
+
+    def _settle_until(self, keep: int) -> None:
+        """Settle the oldest pending batches until at most ``keep`` remain."""
+        while len(self._pending) > max(0, keep):
+            try:
+                self._settle(self._pending[0])
+            except _TransientError:
+                # Everything after the failed batch is read again too: rewind to it, forget them all.
+                self._rewind([env for p in self._pending for env in p.batch])
+                self._pending.clear()
+                raise
+            self._pending.pop(0)
+
+    def _settle(self, pending: _Pending) -> None:
+        """Wait for every ack of one batch, then ``after_acked``, then its offsets are done.
+
+        A refused output dead-letters its source; broker trouble retries with backoff (rebuilding
+        the producer when it stays broken). If the stage's post-ack hook fails, the batch is rewound
+        and retried (its outputs go out again: at least once, same content)."""
+        sends = pending.sends
+        attempt = 0
+        while sends:
+            refused: list[tuple[Output, Reject | None, BaseException]] = []
+            for out, rej, fut in sends:
+                if isinstance(fut, BaseException):
+                    refused.append((out, rej, fut))
+                    continue
+                try:
+                    fut.get(timeout=self.config.ack_timeout_s)
+                except Exception as exc:
+                    refused.append((out, rej, exc))
+                    continue
+                self._count(rej)
+            again: list[tuple[Output, Reject | None]] = []
+            retry: list[tuple[Output, Reject | None]] = []
+            error = ""
+            for out, rej, exc in refused:
+                final = isinstance(exc, _TooLargeError) or is_record_error(exc)
+                if rej is None and final and out.source is not None:
+                    # This output can never be produced: its input goes to the DLQ with the reason.
+                    again.append((Output("dlq", b""), Reject(out.source, f"output_refused: {first_line(exc)}")))
+                elif final:
+                    self.log.error("output_dropped", topic=out.topic, dead_letter=rej is not None,
+                                   error=first_line(exc))
+                else:
+                    retry.append((out, rej))
+                    error = error or f"{type(exc).__name__}: {first_line(exc)}"
+            if retry:
+                attempt += 1
+                if attempt % 3 == 0:
+                    self._rebuild_producer(error)
+                self._wait("producer", f"{len(retry)} record(s) not acknowledged: {error}")
+                if self.stop.is_set() and attempt >= 3:
+                    # Stopping: leave the batch uncommitted; the next owner handles it again.
+                    self.stage.rollback()
+                    raise _TransientError(f"stopped while the broker refused: {error}")
+            sends = self._send_all(again + retry)
+        try:
+            self.stage.after_acked()
+        except Exception as exc:
+            # Not the record's fault (the outputs are out): roll back, rewind and retry after a wait.
+            # The retried batch emits the same outputs again: at least once, same content and ids.
+            self.stage.rollback()
+            if not is_transient(exc):
+                self.log.error("stage_after_acked_failed", error=first_line(exc))
+            raise _TransientError(f"{type(exc).__name__}: {first_line(exc)}") from exc
+        self._done_up_to(pending.offsets)
+
+    def _count(self, rej: Reject | None) -> None:
+        if rej is None:
+            self.stats.outputs += 1
+            return
+        code = reason_code(rej.reason)
+        self.stats.rejected += 1
+        self.stats.reasons[code] = self.stats.reasons.get(code, 0) + 1
+        RUNTIME_RECORDS.labels(worker=self.config.name, outcome="dead_lettered").inc()
+
+    def _send(self, out: Output) -> Any:
+        assert self._producer is not None
+        return self._producer.send(full_name(self.kafka, out.topic), key=out.key, value=out.value,
+                                   headers=list(out.headers))
+
+    def _send_dead_letter(self, env: Envelope, reason: str) -> Any:
+        if self._producer is None or not self.config.dead_letters:  # logged and skipped
+            self.log.warning("record_skipped", reason=reason[:300], topic=env.topic, offset=env.offset)
+            return _Done()
+        return send_dead_letter(self._producer, self.kafka, env, reason, stage=self.config.name)
+
+    def _rebuild_producer(self, error: str) -> None:
+        """kafka-python's idempotent producer, once marked failed, fails every send for good."""
+        self.log.warning("producer_rebuilt", error=error)
+        old, self._producer = self._producer, None
+        if old is not None:
+            try:
+                old.close(timeout=1)
+            except Exception as exc:
+                self.log.debug("producer_close_failed", error=first_line(exc))
+        try:
+            self._producer = make_producer(self.kafka)
+        except KafkaError as exc:
+            self.log.warning("producer_create_failed", error=first_line(exc))
+            self._producer = _BrokenProducer(exc)  # type: ignore[assignment]
+
+    # -- offsets --------------------------------------------------------------------------------
+    def _done_up_to(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, off in offsets.items():
+            self._done[tp] = max(self._done.get(tp, 0), off)
+
+    def _commit(self) -> None:
+        consumer = self._consumer
+        if consumer is None or self.config.group_id is None:
+            self._done.clear()
+            return
+        settled = self.stage.committable()
+        offsets = settled if settled is not None else self._done
+        todo = {tp: off for tp, off in offsets.items()
+                if tp in self._assigned and self._committed.get(tp) != off}
+        if not todo:
+            return
+        try:
+            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in todo.items()})
+        except CommitFailedError as exc:
+            # The group rebalanced meanwhile: the partition's next owner handles these records again.
+            self.log.warning("commit_failed_rebalance", error=first_line(exc))
+            return
+        except KafkaError as exc:
+            raise _TransientError(f"commit failed: {first_line(exc)}") from exc
+        self._committed.update(todo)
+        for tp in todo:
+            if settled is None:
+                self._done.pop(tp, None)
+        self.stats.commits += 1
+
+    def _rewind(self, envs: Iterable[Envelope]) -> None:
+        """Seek back to the first of ``envs`` per partition (and drop the prefetched batch)."""
+        consumer = self._consumer
+        first: dict[TopicPartition, int] = {}
+        for env in [*envs, *(e for e, _ in self._prefetched)]:
+            first[env.tp] = min(first.get(env.tp, env.offset), env.offset)
+        self._prefetched = []
+        if consumer is None:
+            return
+        for tp, off in first.items():
+            if self.config.group_id is None or tp in self._assigned:
+                consumer.seek(tp, off)
+
+    # -- rebalancing ------------------------------------------------------------------------------
+    def _make_consumer(self) -> KafkaConsumer:
+        cfg = self.config
+        consumer = make_consumer(self.kafka, cfg.group_id, [], **cfg.consumer_overrides)
+        topics = [full_name(self.kafka, t) for t in cfg.topics]
+        if cfg.group_id is not None:
+            consumer.subscribe(topics, listener=_Listener(self))
+            return consumer
+        tps: list[TopicPartition] = []
+        deadline = time.monotonic() + 30
+        for topic in topics:
+            parts = consumer.partitions_for_topic(topic)
+            while not parts and time.monotonic() < deadline and not self.stop.is_set():
+                time.sleep(0.2)
+                parts = consumer.partitions_for_topic(topic)
+            tps.extend(TopicPartition(topic, p) for p in sorted(parts or []))
+        if cfg.start_offsets is not None:
+            tps = [tp for tp in tps if tp in cfg.start_offsets]
+        consumer.assign(tps)
+        if cfg.start_offsets is not None:
+            for tp in tps:
+                consumer.seek(tp, cfg.start_offsets[tp])
+        elif cfg.start == "end":
+            consumer.seek_to_end(*tps)
+            for tp in tps:
+                consumer.position(tp)  # resolve the lazy seek now: records after start are seen
+        else:
+            consumer.seek_to_beginning(*tps)
+        self._assigned = set(tps)
+        self.stage.on_assigned(set(tps))
+        return consumer
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Commit what is done before the partitions move: the next owner starts right after it.
+        try:
+            self._settle_until(0)
+            self._commit()
+        except Exception as exc:
+            self.log.warning("commit_on_revoke_failed", error=first_line(exc))
+        self._prefetched = [(e, d) for e, d in self._prefetched if e.tp not in revoked]
+        for tp in revoked:
+            self._done.pop(tp, None)
+            self._committed.pop(tp, None)
+        self._assigned -= revoked
+        self._paused = False
+        try:
+            self.stage.on_revoked(revoked)
+        except Exception as exc:
+            self.log.error("stage_on_revoked_failed", error=first_line(exc))
+        self.log.info("partitions_revoked", partitions=_names(revoked))
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        if not self._assigned:
+            self._last_record = time.monotonic()  # idle time counts from the first assignment
+        self._assigned = set(assigned)
+        self.log.info("partitions_assigned", partitions=_names(assigned))
+        try:
+            self.stage.on_assigned(set(assigned))
+        except Exception as exc:
+            # Redis down while loading: the stage loads lazily on first sight, tick retries.
+            self.log.error("stage_on_assigned_failed", error=first_line(exc))
+
+    def _apply_backpressure(self) -> None:
+        busy = self.stage.busy()
+        if busy != self._paused and self._assigned and self._consumer is not None:
+            # Pausing keeps the group membership alive (polls continue) without fetching more.
+            tps = [tp for tp in self._assigned if tp not in self._finished]
+            (self._consumer.pause if busy else self._consumer.resume)(*tps)
+            self._paused = busy
+
+    # -- health -----------------------------------------------------------------------------------
+    def _idle_exit(self) -> bool:
+        limit = self.config.idle_exit_s
+        if limit is None or not self._assigned or self._prefetched or self._pending or not self.stage.settled():
+            return False
+        return time.monotonic() - self._last_record >= limit
+
+    def _beat(self) -> None:
+        if self.health is not None:
+            self.health.beat()
+        if self._beat_fn is not None:
+            self._beat_fn()
+
+    def _readiness(self) -> None:
+        if self._degraded is not None:
+            raise RuntimeError(self._degraded)
+
+    def _set_degraded(self, reason: str | None) -> None:
+        if reason != self._degraded:
+            if reason is None:
+                self.log.info("stream_recovered", was=self._degraded)
+            RUNTIME_DEGRADED.labels(worker=self.config.name).set(0 if reason is None else 1)
+        self._degraded = reason
+
+    def _wait(self, what: str, reason: str) -> None:
+        """Back off while infrastructure is down: liveness keeps beating, readiness says why."""
+        self._set_degraded(reason)
+        delay = self._backoff.next_delay()
+        self.log.warning("stream_waiting", what=what, reason=reason[:300], retry_in_s=round(delay, 2))
+        end = time.monotonic() + delay
+        while not self.stop.is_set() and time.monotonic() < end:
+            self._beat()
+            self.stop.wait(min(0.5, max(0.0, end - time.monotonic())))
+
+
+class _TooLargeError(Exception):
+    pass
+
+
+class _Done:
+    """A settled send (nothing to wait for)."""
+
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+
+class _BrokenProducer:
+    """Stands in while a producer cannot be created: every send fails, so the loop retries."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self._exc = exc
+
+    def send(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._exc
+
+    def flush(self, timeout: float | None = None) -> None:
+        return None
+
+    def close(self, timeout: float | None = None) -> None:
+        return None
+
+
+def _next_offsets(envs: Iterable[Envelope]) -> dict[TopicPartition, int]:
+    out: dict[TopicPartition, int] = {}
+    for env in envs:
+        out[env.tp] = max(out.get(env.tp, 0), env.offset + 1)
+    return out
+
+
+def _names(tps: Iterable[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}:{tp.partition}" for tp in tps)
