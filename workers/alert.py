@@ -73,7 +73,7 @@ def run_alert(
     stage = AlertStage(
         settings.alert,
         ThresholdStore(client, settings.redis.key_prefix),
-        CameraStateStore(client, settings.redis.key_prefix),
+        CameraStateStore(client, settings.redis.key_prefix, settings.alert.state_ttl_s),
     )
     try:
         # The defects topic with the configured partitions, not the broker's auto-creation default.

@@ -89,7 +89,10 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
         engine = AnomalyEngine(settings.engine, settings.llm, cache=make_prompt_cache(settings))
     if model_loaded is not None:
         model_loaded.set()
-    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot)
+    # New classes are prepared in the background; their frames wait in the stage (see commit_floor).
+    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot,
+                         defer_new_classes=True)
+    stage.prepare_classes()
     try:
         # Output topics with the configured partitions; left to broker auto-creation they would get
         # the broker's default count (or not exist at all where auto-creation is off).
@@ -108,6 +111,9 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
             if health is not None:
                 health.beat()
             records = poll_batch(consumer, settings.scoring.max_batch, settings.scoring.max_wait_ms)
+            if not records and stage.held:
+                _handle(records, stage, producer, consumer, settings, scores_topic, stats)
+                continue
             if not records:
                 if idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
                     break
@@ -122,6 +128,7 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
         producer.flush(timeout=10)
         producer.close(timeout=5)
         consumer.close()
+        stage.close()
         log.info("score_worker_stopped", scored=stats.scored, rejected=stats.rejected, stale=stats.stale)
     return stats
 
@@ -138,7 +145,7 @@ def _handle(records: list, stage: ScoringStage, producer: object, consumer: Kafk
             rejected.append(verdict)
         elif isinstance(verdict, Skipped):
             stats.stale += 1
-    scored, failed = stage.score(frames) if frames else ([], [])
+    scored, failed = stage.score(frames) if frames or stage.held else ([], [])
     rejected.extend(failed)
     futures = [
         producer.send(scores_topic, key=f.header.camera_id.encode(), value=msg.model_dump_json().encode())
@@ -152,7 +159,7 @@ def _handle(records: list, stage: ScoringStage, producer: object, consumer: Kafk
     for fut in futures:
         fut.get(timeout=30)  # raises if the broker refused: the batch will be redelivered
     try:
-        commit_offsets(consumer, next_offsets(records))
+        commit_offsets(consumer, stage.commit_floor(next_offsets(records)))
     except CommitFailedError as exc:
         # The group rebalanced meanwhile: the partition's new owner scores these frames again and
         # alerting drops the duplicate scores by seq. Not worth stopping the worker for.

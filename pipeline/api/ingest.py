@@ -80,7 +80,8 @@ class Ingest:
         except KafkaError as exc:
             self._log.warning("topic_check_failed", error=repr(exc))
         scores_stop = threading.Event()
-        scores = threading.Thread(target=self._scores_loop, args=(scores_stop, CameraStore(client, prefix)),
+        cameras = CameraStore.bounded(client, prefix, self.settings.api)
+        scores = threading.Thread(target=self._scores_loop, args=(scores_stop, cameras),
                                   name="api-ingest-scores", daemon=True)
         scores.start()
         try:
