@@ -41,8 +41,9 @@ from pipeline.bus import commit_offsets, create_topics, make_consumer, next_offs
 from pipeline.capture.sources import INDEX_FILE, open_source
 from pipeline.capture.stage import resize_to_width
 from pipeline.config import CameraConfig, KafkaSettings, Settings
-from pipeline.imaging import encode_jpeg
+from pipeline.imaging import encode_jpeg, sniff_encoding
 from pipeline.logging import get_logger
+from pipeline.paths import contained
 from schemas.frames import FrameHeader, FrameRef
 
 DEFAULT_SEGMENT_S = 60.0
@@ -199,7 +200,7 @@ def _read_segment(seg: _Segment, camera_id: str | None, t_from: float | None,
             rec = json.loads(line)
             frame = RecordedFrame(
                 camera_id=str(rec["camera_id"]), seq=int(rec["seq"]), capture_ts=float(rec["capture_ts"]),
-                path=seg.path / str(rec["file"]), line_id=str(rec["line_id"]),
+                path=contained(seg.path, str(rec["file"])), line_id=str(rec["line_id"]),
                 product_class=str(rec["product_class"]), width=int(rec["width"]), height=int(rec["height"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -450,7 +451,8 @@ class Recorder:
     def _camera(self, camera_id: str) -> _CameraState:
         state = self._cameras.get(camera_id)
         if state is None:
-            camera_dir = self.root / camera_id
+            # Camera ids come from frame headers: the folder must stay under the recording root.
+            camera_dir = contained(self.root, camera_id)
             state = _CameraState(camera_dir, last_recorded_seq(camera_dir))
             self._cameras[camera_id] = state
         return state
@@ -596,7 +598,8 @@ def _frame_of(record: ConsumerRecord, camera_id: str | None, stats: RecordStats)
         # Replayed frames are re-published recordings, not camera footage.
         stats.ignored += 1
         return None
-    if not record.value or header.encoding != "jpeg":
+    # Files are written as .jpg and replayed as JPEG: the bytes must be one, whatever the header says.
+    if not record.value or header.encoding != "jpeg" or sniff_encoding(record.value) != "jpeg":
         stats.skipped += 1
         _log.warning("record_unusable_frame", camera=header.camera_id, seq=header.seq, offset=record.offset,
                      encoding=header.encoding, value_bytes=len(record.value or b""))
