@@ -416,3 +416,23 @@ def test_frame_header_roundtrip_keeps_valid_values() -> None:
     h = FrameHeader(camera_id="line3-cam1", line_id="line-3", product_class="ball_screw", seq=2**62,
                     capture_ts=time.time(), width=64, height=48, replay_session="replay-0123456789")
     assert FrameHeader.from_headers(h.to_header()) == h
+
+
+def test_a_huge_seq_does_not_stop_the_recording(tmp_path: Path) -> None:
+    from pipeline.recording import Recorder, iter_recording
+
+    def ref(seq: int, ts: float) -> FrameRef:
+        return FrameRef(camera_id="cam-1", line_id="l", product_class="p", seq=seq, capture_ts=ts,
+                        width=64, height=48)
+
+    t0 = 1_767_225_600.0
+    with Recorder(tmp_path) as recorder:
+        assert recorder.write(JPEG, ref(10, t0)) and recorder.write(JPEG, ref(2**62, t0 + 0.1))
+        assert recorder.write(JPEG, ref(11, t0 + 0.2)) and recorder.write(JPEG, ref(12, t0 + 0.3))
+        assert not recorder.write(JPEG, ref(11, t0 + 0.2))  # a redelivery is still dropped
+        assert recorder.write(JPEG, ref(10, t0 + 0.4))  # restarted again, same segment: no file clobbered
+    with Recorder(tmp_path) as again:  # a new process reads where the camera stood
+        assert not again.write(JPEG, ref(12, t0 + 0.3)) and again.write(JPEG, ref(13, t0 + 0.5))
+    frames = list(iter_recording(tmp_path))
+    assert [f.seq for f in frames] == [10, 2**62, 11, 12, 10, 13]
+    assert len({f.path for f in frames}) == 6
