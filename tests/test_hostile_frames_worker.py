@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.bus import create_topics, make_producer, read_dead_letter, topic_name
 from pipeline.config import EngineSettings, KafkaSettings, ScoringSettings, Settings
@@ -117,12 +118,12 @@ def test_a_class_outside_the_prepared_ones_is_scored_later_not_lost(
     """Without an allowlist a new class is prepared in the background; its frames come out scored."""
     image = small_image(96, 72)
     jpeg = encode_jpeg(image)
+    metas = publish(kafka_settings, [("cam-1", jpeg, raw_header(camera="cam-1", seq=0, width=96, height=72))])
     records = []
-    for seq in range(4):
+    for seq in range(1, 4):
         records.append(("cam-1", jpeg, raw_header(camera="cam-1", seq=seq, width=96, height=72)))
         records.append(("cam-2", jpeg, raw_header(camera="cam-2", seq=seq, width=96, height=72,
                                                   product_class="metal_nut")))
-    publish(kafka_settings, records)
     settings = Settings(
         kafka=kafka_settings,
         engine=EngineSettings(backbone=SMALL, pretrained="random", precision="fp32", method="winclip"),
@@ -130,10 +131,28 @@ def test_a_class_outside_the_prepared_ones_is_scored_later_not_lost(
                                 group_id=f"{kafka_settings.topic_prefix}-score"),
     )
     worker = start_background(run_score, settings, engine=make_engine(), idle_exit_s=10.0)
+    read_topic(kafka_settings, "scores", 1, timeout_s=120)  # ball_screw is prepared now
+    metas += publish(kafka_settings, records)  # metal_nut is new: prepared in the background
     stats = worker.wait(240)
-    scores = read_topic(kafka_settings, "scores", 8, timeout_s=30)
+    scores = read_topic(kafka_settings, "scores", 7, timeout_s=30)
     messages = [ScoreMessage.model_validate_json(r.value) for r in scores]
     got = sorted((m.frame.camera_id, m.frame.seq) for m in messages)
-    assert got == sorted((c, s) for c in ("cam-1", "cam-2") for s in range(4))
-    assert stats.rejected == 0 and stats.scored == 8
+    assert got == sorted([("cam-1", s) for s in range(4)] + [("cam-2", s) for s in range(1, 4)])
+    assert stats.rejected == 0 and stats.scored == 7
+    # Every frame was committed in the end: a fresh member of the group has nothing left to read.
+    ends: dict[int, int] = {}
+    for m in metas:
+        ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+    assert _committed_ends(kafka_settings, settings.scoring.group_id) == ends
     assert np.isfinite([m.image_score for m in messages]).all()
+
+
+def _committed_ends(kafka: KafkaSettings, group: str) -> dict[int, int]:
+    consumer = KafkaConsumer(**kafka.client_kwargs(), group_id=group, enable_auto_commit=False)
+    try:
+        topic = topic_name(kafka, "frames")
+        parts = sorted(consumer.partitions_for_topic(topic) or [])
+        found = {p: consumer.committed(TopicPartition(topic, p)) for p in parts}
+        return {p: c for p, c in found.items() if c}
+    finally:
+        consumer.close()

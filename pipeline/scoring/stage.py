@@ -11,7 +11,8 @@ seen for the first time is prepared on the spot, or, with ``defer_new_classes``,
 thread while its frames are *held* by the stage (never dropped): they are scored by a later
 ``score`` call once the class is ready, and ``commit_floor`` keeps the offsets of their partitions
 from being committed past them, so a crash meanwhile redelivers them. Other classes' frames go on
-being scored meanwhile; at most the batch in which the class appears waits for nothing.
+being scored meanwhile. Before any class is prepared (a worker without ``scoring.classes`` that
+just started) there is nothing to hold up, so the first classes are prepared in place.
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ class ScoringStage:
         failed: list[Rejected] = []
         for product_class, group in by_class.items():
             if not self.ready(product_class):
-                if self.defer_new_classes:
+                # Before any class is prepared there is nothing to hold up: the first are prepared in place.
+                if self.defer_new_classes and self._classes:
                     future = self._start_preparing(product_class)
                     if not future.done():
                         with self._lock:
