@@ -19,8 +19,9 @@ FRAME_HEADER_KEY = "linewatch-frame"
 # never "." or ".."), bounded length.
 CAMERA_ID_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$"
 LINE_ID_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$"
-# Class names become prompt text, cache keys and reference folder names (``shots_dir/<class>``).
-PRODUCT_CLASS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+# Class names become prompt text, cache keys and reference folder names (``shots_dir/<class>``):
+# letters, digits, "_", "-" and inner spaces ("metal nut"); never a dot or a separator.
+PRODUCT_CLASS_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_\- ]{0,62}[A-Za-z0-9_\-])?$"
 REPLAY_SESSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 # Sequence numbers fit a signed 64-bit integer (Redis, JSON consumers in other languages).
 MAX_SEQ = 2**63 - 1
