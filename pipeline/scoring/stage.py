@@ -256,10 +256,12 @@ class ScoringStage:
             by_class[f.header.product_class].append(f)
         done: list[tuple[Frame, ScoreMessage]] = []
         failed: list[Rejected] = []
+        with self._lock:
+            # Before any class is prepared there is nothing to hold up: the first are prepared in place.
+            defer = self.defer_new_classes and bool(self._classes)
         for product_class, group in by_class.items():
             if not self.ready(product_class):
-                # Before any class is prepared there is nothing to hold up: the first are prepared in place.
-                if self.defer_new_classes and self._classes:
+                if defer:
                     future = self._start_preparing(product_class)
                     if not future.done():
                         with self._lock:
