@@ -50,7 +50,6 @@ log = get_logger(__name__)
 
 # Thumbnails fit this square whatever the frame's shape (a 256x65000 frame must not make a 10 MB one).
 THUMBNAIL_BOX = 256
-THUMBNAIL_WIDTH = THUMBNAIL_BOX  # kept for callers of the old name
 
 
 @dataclass(frozen=True)
