@@ -479,10 +479,11 @@ class Recorder:
         if self.camera_id is not None and frame.camera_id != self.camera_id:
             raise ValueError(f"recorder for camera {self.camera_id!r} got a frame of {frame.camera_id!r}")
         state = self._camera(frame.camera_id)
-        # Not above the last seq and not newer: a redelivery. A lower seq captured later is a restarted
+        # The last seq again, or a lower one not newer: a redelivery. A lower seq captured later is a restarted
         # numbering (or follows a glitched huge seq) and is recorded, as alerting does.
         if (state.last_seq is not None and frame.seq <= state.last_seq
-                and (state.last_capture_ts is None or frame.capture_ts <= state.last_capture_ts)):
+                and (frame.seq == state.last_seq or state.last_capture_ts is None
+                     or frame.capture_ts <= state.last_capture_ts)):
             self.stats.duplicates += 1
             self._log.debug("frame_duplicate", frame_camera=frame.camera_id, seq=frame.seq, last_seq=state.last_seq)
             return False

@@ -72,7 +72,7 @@ class AlertStage:
             if is_redelivery(state, score):
                 self._log_redelivery(state, score)
                 continue
-            if state.last_seq is not None and score.frame.seq <= state.last_seq:
+            if state.last_seq is not None and score.frame.seq < state.last_seq:
                 log.warning("alert_seq_restarted", camera=score.frame.camera_id, session=score.frame.replay_session,
                             seq=score.frame.seq, last_seq=state.last_seq)
             threshold = self.threshold_for(score.frame.product_class, table)
