@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from schemas.frames import PRODUCT_CLASS_PATTERN
 
 Method = Literal["winclip", "alfa"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
@@ -118,6 +121,22 @@ class ScoringSettings(Section):
     group_id: str = "linewatch-score"
     # Threads fetching and decoding the next micro-batch while the current one is on the model.
     decode_workers: int = Field(default=2, ge=0, le=32)
+    # Product classes allowed in frame headers; None accepts any well-formed class name. Listed
+    # classes are prepared (text embeddings, prompts, references) when the scoring worker starts;
+    # frames of any other class go to the DLQ with reason ``unknown_class``.
+    classes: list[str] | None = None
+    # Classes kept prepared in memory at once without an allowlist (least recently used go first).
+    max_classes: int = Field(default=64, ge=1)
+    # Live frames stamped further ahead of the scorer's clock than this are refused (bad clock).
+    max_future_s: float = Field(default=300.0, ge=0)
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, classes: list[str] | None) -> list[str] | None:
+        for name in classes or []:
+            if not re.fullmatch(PRODUCT_CLASS_PATTERN, name):
+                raise ValueError(f"scoring.classes: {name!r} does not match {PRODUCT_CLASS_PATTERN}")
+        return classes
 
 
 class AlertSettings(Section):
@@ -131,6 +150,8 @@ class AlertSettings(Section):
     default_threshold: float = 0.5
     min_region_area: int = Field(default=16, ge=0)
     group_id: str = "linewatch-alert"
+    # Camera debounce states expire after this long without a frame (retired cameras, finished replays).
+    state_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
 
     @field_validator("n")
     @classmethod
@@ -174,6 +195,9 @@ class ApiSettings(Section):
     group_id: str = "linewatch-api"
     # Events kept in Redis for the dashboard and the API (oldest dropped beyond this).
     max_events: int = Field(default=10_000, ge=1)
+    # Cameras shown: a camera silent for camera_ttl_s is dropped, and at most max_cameras are kept.
+    camera_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    max_cameras: int = Field(default=1000, ge=1)
 
 
 class CaptureSettings(Section):

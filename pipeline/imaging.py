@@ -2,12 +2,130 @@
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+# Start-of-frame markers carrying the image size: SOF0-3, 5-7, 9-11, 13-15 (not DHT C4, JPG C8, DAC CC).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+# Markers without a length field: TEM, RST0-7, SOI.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
 
 
 class FrameDecodeError(ValueError):
     """A frame's bytes are not a decodable image."""
+
+
+class ImageHeaderError(FrameDecodeError):
+    """The encoded header (magic bytes, JPEG SOF, PNG IHDR) is missing, truncated or unknown."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the encoded header says, read without decoding a single pixel."""
+
+    encoding: str  # "jpeg" | "png"
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def sniff_encoding(data: bytes) -> str | None:
+    """"jpeg" or "png" from the magic bytes, else None (GIF, BMP, TIFF, WebP, garbage)."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    return None
+
+
+def read_image_info(data: bytes) -> ImageInfo:
+    """Encoding and real dimensions from the encoded header (PNG IHDR, JPEG SOF); no decoding.
+
+    This is what the decoder will allocate for, so limits are checked on it before decoding: a
+    frame's own metadata cannot be trusted to describe its bytes.
+    """
+    encoding = sniff_encoding(data)
+    if encoding == "png":
+        width, height = _png_size(data)
+    elif encoding == "jpeg":
+        width, height = _jpeg_size(data)
+    else:
+        raise ImageHeaderError(f"unknown image format (magic bytes {data[:8].hex()})")
+    return ImageInfo(encoding, width, height)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    # The IHDR chunk must come first: 4-byte length 13, b"IHDR", width, height (big-endian).
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise ImageHeaderError("PNG without an IHDR chunk")
+    width, height = struct.unpack(">II", data[16:24])
+    if width == 0 or height == 0:
+        raise ImageHeaderError(f"PNG IHDR gives {width}x{height}")
+    return width, height
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """Walk the marker segments up to the first scan; every SOF met must give the same size."""
+    size: tuple[int, int] | None = None
+    pos, n = 2, len(data)
+    while pos < n:
+        if data[pos] != 0xFF:
+            raise ImageHeaderError(f"JPEG marker expected at byte {pos}")
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker in (_JPEG_SOS, _JPEG_EOI):
+            break
+        if pos + 2 > n:
+            break
+        (length,) = struct.unpack(">H", data[pos:pos + 2])
+        if length < 2 or pos + length > n:
+            raise ImageHeaderError(f"JPEG segment 0x{marker:02X} overruns the data")
+        if marker in _JPEG_SOF:
+            if length < 7:
+                raise ImageHeaderError("JPEG SOF segment too short")
+            height, width = struct.unpack(">HH", data[pos + 3:pos + 7])
+            if width == 0 or height == 0:
+                # Height 0 defers to a DNL marker after the scan: the size is unknown before decoding.
+                raise ImageHeaderError(f"JPEG SOF gives {width}x{height}")
+            if size is not None and size != (width, height):
+                raise ImageHeaderError(f"JPEG has two frame headers: {size[0]}x{size[1]} and {width}x{height}")
+            size = (width, height)
+        pos += length
+    if size is None:
+        raise ImageHeaderError("JPEG without a frame header (SOF) before its first scan")
+    return size
+
+
+def fit_within(width: int, height: int, box: int) -> tuple[int, int]:
+    """The size of (width, height) scaled down, aspect kept, to fit a box x box square."""
+    if width <= box and height <= box:
+        return width, height
+    scale = box / max(width, height)
+    return max(1, min(box, round(width * scale))), max(1, min(box, round(height * scale)))
+
+
+def thumbnail_jpeg(image: np.ndarray, box: int = 256, quality: int = 80) -> bytes:
+    """A JPEG of the image shrunk to fit box x box, so its size is bounded whatever the frame's shape."""
+    h, w = image.shape[:2]
+    tw, th = fit_within(w, h, box)
+    if (tw, th) != (w, h):
+        image = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)
+    return encode_jpeg(image, quality=quality)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:

@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+OTHER_LABEL = "other"
+
+
+class LabelValues:
+    """Keeps one label's values bounded: configured values always, then the first ``cap`` other
+    values seen, then everything else as ``other`` (camera ids and class names come from messages)."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._configured: set[str] = set()
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def configure(self, values: Iterable[str]) -> None:
+        with self._lock:
+            self._configured.update(values)
+
+    def __call__(self, value: str) -> str:
+        if value in self._configured or value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._cap:
+                self._seen.add(value)
+                return value
+        return OTHER_LABEL
+
+
+CAMERA_LABEL = LabelValues(cap=256)
+CLASS_LABEL = LabelValues(cap=64)
 
 FRAMES_CAPTURED = Counter("linewatch_frames_captured_total", "Frames read from a source", ["camera"])
 FRAMES_DROPPED = Counter(

@@ -38,8 +38,9 @@ import cv2
 from pipeline.capture.sources import INDEX_FILE, open_source
 from pipeline.capture.stage import resize_to_width
 from pipeline.config import CameraConfig, KafkaSettings, Settings
-from pipeline.imaging import encode_jpeg
+from pipeline.imaging import encode_jpeg, sniff_encoding
 from pipeline.logging import get_logger
+from pipeline.paths import contained
 from pipeline.runtime.envelope import Envelope, Record, RecordError, Skip, StageResult
 from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
 from pipeline.runtime.topics import FRAMES
@@ -178,10 +179,18 @@ def _has_seq_and_ts(rec: dict[str, Any]) -> bool:
 
 def last_recorded_seq(camera_dir: Path) -> int | None:
     """Highest sequence number recorded in a camera folder, from the tail of each segment index."""
+    last = _last_recorded(camera_dir)
+    return None if last is None else last[0]
+
+
+def _last_recorded(camera_dir: Path) -> tuple[int, float] | None:
+    """(highest seq, latest capture time) recorded in a camera folder, from each segment index's tail."""
     if not camera_dir.is_dir():
         return None
-    seqs = [rec["seq"] for seg in _segments_of_camera(camera_dir) for rec in _tail_records(seg.path / INDEX_FILE)]
-    return max(seqs, default=None)
+    recs = [rec for seg in _segments_of_camera(camera_dir) for rec in _tail_records(seg.path / INDEX_FILE)]
+    if not recs:
+        return None
+    return max(int(r["seq"]) for r in recs), max(float(r["capture_ts"]) for r in recs)
 
 
 def _read_segment(seg: _Segment, camera_id: str | None, t_from: float | None,
@@ -199,7 +208,7 @@ def _read_segment(seg: _Segment, camera_id: str | None, t_from: float | None,
             rec = json.loads(line)
             frame = RecordedFrame(
                 camera_id=str(rec["camera_id"]), seq=int(rec["seq"]), capture_ts=float(rec["capture_ts"]),
-                path=seg.path / str(rec["file"]), line_id=str(rec["line_id"]),
+                path=contained(seg.path, str(rec["file"])), line_id=str(rec["line_id"]),
                 product_class=str(rec["product_class"]), width=int(rec["width"]), height=int(rec["height"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
@@ -379,6 +388,8 @@ class SegmentWriter:
     def write(self, jpeg: bytes, frame: FrameRef) -> int:
         """Write one frame (JPEG first, then its index line); returns the bytes written."""
         name = f"{frame.seq:010d}.jpg"
+        if (self.path / name).exists():  # the camera's numbering restarted within this segment
+            name = f"{frame.seq:010d}-{self.frames}.jpg"
         tmp = self.path / f".{name}.tmp"
         tmp.write_bytes(jpeg)
         os.replace(tmp, self.path / name)
@@ -402,6 +413,7 @@ class SegmentWriter:
 class _CameraState:
     camera_dir: Path
     last_seq: int | None
+    last_capture_ts: float | None = None
     writer: SegmentWriter | None = None
 
 
@@ -450,8 +462,10 @@ class Recorder:
     def _camera(self, camera_id: str) -> _CameraState:
         state = self._cameras.get(camera_id)
         if state is None:
-            camera_dir = self.root / camera_id
-            state = _CameraState(camera_dir, last_recorded_seq(camera_dir))
+            # Camera ids come from frame headers: the folder must stay under the recording root.
+            camera_dir = contained(self.root, camera_id)
+            last = _last_recorded(camera_dir)
+            state = _CameraState(camera_dir, *(last if last is not None else (None, None)))
             self._cameras[camera_id] = state
         return state
 
@@ -465,7 +479,11 @@ class Recorder:
         if self.camera_id is not None and frame.camera_id != self.camera_id:
             raise ValueError(f"recorder for camera {self.camera_id!r} got a frame of {frame.camera_id!r}")
         state = self._camera(frame.camera_id)
-        if state.last_seq is not None and frame.seq <= state.last_seq:
+        # The last seq again, or a lower one not newer: a redelivery. A lower seq captured later is a restarted
+        # numbering (or follows a glitched huge seq) and is recorded, as alerting does.
+        if (state.last_seq is not None and frame.seq <= state.last_seq
+                and (frame.seq == state.last_seq or state.last_capture_ts is None
+                     or frame.capture_ts <= state.last_capture_ts)):
             self.stats.duplicates += 1
             self._log.debug("frame_duplicate", frame_camera=frame.camera_id, seq=frame.seq, last_seq=state.last_seq)
             return False
@@ -480,6 +498,7 @@ class Recorder:
         self.stats.bytes += state.writer.write(jpeg, frame)
         self.stats.frames += 1
         state.last_seq = frame.seq
+        state.last_capture_ts = frame.capture_ts
         self._since_retention += 1
         # After the write, so the segment just opened is the active one and the closed one may go.
         if rolled or self._since_retention >= self.retention_every:
@@ -604,7 +623,8 @@ class RecordStage(Stage):
             # Replayed frames are re-published recordings, not camera footage.
             stats.ignored += 1
             return Skip(env, "not_recorded")
-        if not env.value or header.encoding != "jpeg":
+        # Files are written as .jpg and replayed as JPEG: the bytes must be one, whatever the header says.
+        if not env.value or header.encoding != "jpeg" or sniff_encoding(env.value) != "jpeg":
             stats.skipped += 1
             raise RecordError("unusable_frame", f"encoding {header.encoding}, {len(env.value or b'')} bytes")
         return Record(env, header.ref())

@@ -21,6 +21,8 @@ from pipeline.metrics import PROMPT_CACHE
 
 log = get_logger(__name__)
 
+PROMPT_TTL_S = 30 * 24 * 3600.0
+
 # Delete the lock only if we still own it: an expired lock may already belong to another worker.
 _RELEASE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -74,7 +76,9 @@ class RedisPromptCache:
 
     @classmethod
     def from_settings(cls, settings: RedisSettings, local: MemoryCache | None = None) -> RedisPromptCache:
-        return cls(connect(settings), settings.key_prefix, settings.lock_timeout_s, local)
+        # Entries expire so classes seen once (or only from hostile headers) do not stay for ever;
+        # an expired entry is simply computed again.
+        return cls(connect(settings), settings.key_prefix, settings.lock_timeout_s, local, ttl_s=PROMPT_TTL_S)
 
     def redis_key(self, key: str) -> str:
         return f"{self._prefix}:{key}"

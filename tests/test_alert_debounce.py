@@ -153,7 +153,7 @@ def test_tick_closes_idle_camera_by_wall_clock() -> None:
 def test_tick_judges_historical_replay_by_elapsed_time_not_capture_age() -> None:
     # A replay of old footage: capture times are years old, yet the event must stay open while frames flow.
     state = CameraState("cam-1", replay_session="r1")
-    old = 1_000_000.0
+    old = 1_000_000_000.0  # 2001
     for i in range(2):
         step(state, make_score(i, 0.9, ts=old + i * DT, session="r1"), 0.5, SETTINGS, received_at=T0)
     assert tick(state, T0 + 1.0, SETTINGS) == []

@@ -283,7 +283,7 @@ def test_bad_records_go_to_the_dlq_and_the_worker_keeps_going(
         ("cam", b"", header("cam", 6, good).to_header()),
         frame_record("cam", 7, good),
     ]
-    expected = {1: "undecodable", 2: "bad_header", 3: "bad_header", 4: "oversized",
+    expected = {1: "unknown_format", 2: "bad_header", 3: "bad_header", 4: "oversized",
                 5: "dimension_mismatch", 6: "empty"}
     metas = publish(kafka_settings, sent)
     assert len({m.partition for m in metas}) == 1  # one key: one partition, offsets 0..7
@@ -314,7 +314,7 @@ def test_bad_records_go_to_the_dlq_and_the_worker_keeps_going(
         assert letter.original_size == len(value) and not letter.truncated
         assert dict(rec.headers)["linewatch-dlq-original-size"] == str(len(value)).encode()
     assert stats.rejected == 6 and stats.scored == 3
-    assert stats.reasons == {"undecodable": 1, "bad_header": 2, "oversized": 1, "dimension_mismatch": 1,
+    assert stats.reasons == {"unknown_format": 1, "bad_header": 2, "oversized": 1, "dimension_mismatch": 1,
                              "empty": 1}
 
 

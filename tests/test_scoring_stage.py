@@ -43,7 +43,7 @@ def test_decode_gives_a_frame_a_reject_with_its_reason_or_a_skip(stage: ScoringS
     good = stage.decode(frame_env(0, img))
     assert isinstance(good, Frame) and good.image.shape == (48, 64, 3) and good.source.offset == 0
     verdicts = {
-        "undecodable": stage.decode(envelope(1, b"\xff\xd8 not a jpeg", frame_env(1, img).headers)),  # type: ignore[arg-type]
+        "unknown_format": stage.decode(envelope(1, b"\xff\xd8 not a jpeg", frame_env(1, img).headers)),  # type: ignore[arg-type]
         "bad_header": stage.decode(envelope(2, encode_jpeg(img), [("linewatch-frame", b"{nope")])),
         "empty": stage.decode(envelope(3, b"", list(frame_env(3, img).headers))),
         "oversized": stage.decode(envelope(4, b"\xff" * 300_000, list(frame_env(4, img).headers))),

@@ -48,7 +48,7 @@ def run_alert(
         watch_dependencies(health, settings)
     client = connect(settings.redis)
     stage = AlertStage(settings.alert, ThresholdStore(client, settings.redis.key_prefix),
-                       CameraStateStore(client, settings.redis.key_prefix))
+                       CameraStateStore(client, settings.redis.key_prefix, settings.alert.state_ttl_s))
     config = RuntimeConfig(name="alert", group_id=settings.alert.group_id, topics=("scores",),
                            output_topics=("defects",), max_batch=max_records, poll_timeout_ms=poll_timeout_ms,
                            idle_exit_s=idle_exit_s)

@@ -62,16 +62,22 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
         model_loaded = health.add_flag("model_loaded", "model not loaded yet")
     if engine is None:
         engine = AnomalyEngine(settings.engine, settings.llm, cache=make_prompt_cache(settings))
-    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot)
-    # The configured cameras' classes (prompts, references) before readiness: `linewatch run` starts
-    # capture on /readyz, so the first frames measure scoring, not preparation.
-    stage.prepare_classes(c.product_class for c in settings.cameras)
+    # New classes are prepared in the background; their frames wait in the stage (see commit_floor).
+    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot,
+                         defer_new_classes=True)
+    # The allowlist's and the configured cameras' classes (prompts, references) before readiness:
+    # `linewatch run` starts capture on /readyz, so the first frames measure scoring, not preparation.
+    stage.prepare_classes(dict.fromkeys([*(settings.scoring.classes or []),
+                                         *(c.product_class for c in settings.cameras)]))
     if model_loaded is not None:
         model_loaded.set()
     log.info("score_worker_started", group=settings.scoring.group_id, method=engine.method)
     runtime = StreamRuntime(settings.kafka, score_runtime_config(settings, idle_exit_s), stage,
                             health=health, stop=stop)
-    rs = runtime.run()
+    try:
+        rs = runtime.run()
+    finally:
+        stage.close()
     stats = ScoreStats(scored=rs.outputs, rejected=rs.rejected, stale=rs.skipped, batches=rs.batches,
                        reasons=dict(rs.reasons))
     log.info("score_worker_stopped", scored=stats.scored, rejected=stats.rejected, stale=stats.stale)

@@ -208,7 +208,16 @@ class CameraState:
 
 
 def is_redelivery(state: CameraState, score: ScoreMessage) -> bool:
-    return state.last_seq is not None and score.frame.seq <= state.last_seq
+    """A frame already processed: the last seq again, or a lower seq not captured later.
+
+    A seq below the last one on a frame captured later is a restarted numbering (a capture
+    worker restarted at 0, or the camera once sent a huge seq): it is processed, and the camera's
+    numbering continues from it. Otherwise one frame with seq 2**62 would mute the camera for good.
+    """
+    if state.last_seq is None or score.frame.seq > state.last_seq:
+        return False
+    return (score.frame.seq == state.last_seq or state.last_capture_ts is None
+            or score.frame.capture_ts <= state.last_capture_ts)
 
 
 def step(state: CameraState, score: ScoreMessage, threshold: float, settings: AlertSettings,

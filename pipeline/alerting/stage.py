@@ -24,7 +24,7 @@ from pipeline.alerting.render import build_event
 from pipeline.alerting.state_store import StateKey, StateStore, Thresholds
 from pipeline.config import AlertSettings
 from pipeline.logging import get_logger
-from pipeline.metrics import EVENTS_OPENED
+from pipeline.metrics import CAMERA_LABEL, CLASS_LABEL, EVENTS_OPENED
 from pipeline.runtime.envelope import Output, Record, StageResult
 from pipeline.runtime.loop import Stage
 from schemas.events import DefectEvent
@@ -63,7 +63,6 @@ class AlertStage(Stage):
         self._idle_evict_s = idle_evict_s
         self._states: dict[StateKey, CameraState] = {}
         self._dirty: set[StateKey] = set()
-        self._warned_regression: set[StateKey] = set()
         self._owner: dict[StateKey, str] = {}  # state key -> "topic:partition" its scores arrive on
         self._unindexed: dict[str, set[StateKey]] = {}
         self._to_load: set[str] = set()  # assigned partitions whose states are not loaded yet
@@ -93,6 +92,9 @@ class AlertStage(Stage):
             if is_redelivery(state, score):
                 self._log_redelivery(state, score)
                 continue
+            if state.last_seq is not None and score.frame.seq < state.last_seq:
+                log.warning("alert_seq_restarted", camera=score.frame.camera_id, session=score.frame.replay_session,
+                            seq=score.frame.seq, last_seq=state.last_seq)
             threshold = self.threshold_for(score.frame.product_class, table)
             transitions = step(state, score, threshold, self._settings, received_at=now)
             self._dirty.add(key)
@@ -214,16 +216,6 @@ class AlertStage(Stage):
 
     def _log_redelivery(self, state: CameraState, score: ScoreMessage) -> None:
         f = score.frame
-        if state.last_capture_ts is not None and f.capture_ts > state.last_capture_ts:
-            # A newer frame with an old seq is no redelivery: the camera's numbering restarted
-            # (e.g. its capture worker restarted at seq 0). Its frames are dropped until seq passes
-            # last_seq, so say so loudly, once per camera.
-            if state.key not in self._warned_regression:
-                self._warned_regression.add(state.key)
-                log.warning("alert_seq_regressed", camera=f.camera_id, session=f.replay_session,
-                            seq=f.seq, last_seq=state.last_seq, capture_ts=f.capture_ts,
-                            last_capture_ts=state.last_capture_ts)
-            return
         log.debug("alert_redelivery_ignored", camera=f.camera_id, session=f.replay_session,
                   seq=f.seq, last_seq=state.last_seq)
 
@@ -233,7 +225,7 @@ class AlertStage(Stage):
         event = build_event(ev, status, self._settings.min_region_area)
         bound = log.bind(camera=ev.camera_id, event_id=ev.event_id, session=ev.replay_session)
         if status == "open":
-            EVENTS_OPENED.labels(camera=ev.camera_id, product_class=ev.product_class).inc()
+            EVENTS_OPENED.labels(camera=CAMERA_LABEL(ev.camera_id), product_class=CLASS_LABEL(ev.product_class)).inc()
         bound.info(f"defect_event_{status}", first_seq=ev.first_seq, last_seq=ev.last_seq,
                    peak_seq=ev.peak_seq, peak_score=round(ev.peak_score, 4), n_frames=ev.n_frames,
                    regions=len(event.regions))

@@ -24,7 +24,8 @@ log = get_logger(__name__)
 StateKey = tuple[str, str | None]
 LIVE = "live"
 # Index entries expire with the states: a camera silent this long is forgotten by the index too.
-INDEX_TTL_S = 7 * 24 * 3600.0
+DEFAULT_TTL_S = 7 * 24 * 3600.0  # alert.state_ttl_s
+INDEX_TTL_S = DEFAULT_TTL_S
 
 
 class StateStore(Protocol):
@@ -91,11 +92,12 @@ class MemoryStateStore:
 class CameraStateStore:
     """Load and save many camera states in one round trip each (MGET / pipelined SET)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_s: float | None = None) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: float | None = DEFAULT_TTL_S) -> None:
         self._client = client
         self._prefix = f"{prefix}:alert:state"
         self._index_prefix = f"{prefix}:alert:partition"
-        # Optional expiry so states of finished replay sessions do not pile up forever.
+        # Expiry so states of retired cameras and finished replay sessions do not pile up forever;
+        # every save renews it, so only a camera silent that long starts afresh.
         self._ttl_ms = int(ttl_s * 1000) if ttl_s else None
 
     def redis_key(self, key: StateKey) -> str:

@@ -96,7 +96,7 @@ def make_context(settings: Settings, ingest: Ingest | None = None) -> Context:
     client = connect(settings.redis)
     prefix = settings.redis.key_prefix
     return Context(settings=settings, client=client, events=EventStore(client, prefix, settings.api.max_events),
-                   cameras=CameraStore(client, prefix), subs=SubscriptionStore(client, prefix),
+                   cameras=CameraStore.bounded(client, prefix, settings.api), subs=SubscriptionStore(client, prefix),
                    ledger=DeliveryLedger(client, prefix, settings.deliver.ledger_ttl_s),
                    thresholds=ThresholdStore(client, prefix), feed=LiveFeed(client, prefix),
                    senders=SenderFactory(settings, client), ingest=ingest)

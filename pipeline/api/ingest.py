@@ -159,7 +159,8 @@ class Ingest:
         prefix = self.settings.redis.key_prefix
         client = connect(self.settings.redis)
         scores_stop = threading.Event()
-        scores = threading.Thread(target=self._scores_loop, args=(scores_stop, CameraStore(client, prefix)),
+        cameras = CameraStore.bounded(client, prefix, self.settings.api)
+        scores = threading.Thread(target=self._scores_loop, args=(scores_stop, cameras),
                                   name="api-ingest-scores", daemon=True)
         scores.start()
         try:

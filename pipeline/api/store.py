@@ -6,7 +6,8 @@ Keys (``p`` is ``redis.key_prefix``):
     p:api:event:<id>:mask     str   mask PNG
     p:api:event:<id>:thumb    str   thumbnail JPEG
     p:api:cameras             hash  camera id -> latest score summary JSON
-    p:api:camera:<id>:jpeg    str   latest thumbnail with the heat overlay of its anomaly map
+    p:api:cameras:seen        zset  camera id, scored by its last update (pruning silent cameras)
+    p:api:camera:<id>:jpeg    str   latest thumbnail with the heat overlay of its anomaly map (expires)
     p:events:live             pub/sub channel: event summaries, fanned out to every replica's SSE clients
 """
 
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError
 
 from pipeline import imaging
 from pipeline.alerting.render import event_overlay
+from pipeline.config import ApiSettings
 from pipeline.logging import get_logger
 from schemas.events import DefectEvent
 from schemas.scores import ScoreMessage
@@ -229,12 +231,27 @@ def render_latest(score: ScoreMessage) -> bytes:
 
 
 class CameraStore:
-    """The latest scored frame per camera."""
+    """The latest scored frame per camera.
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    Camera ids come from messages, so the set is bounded: a camera silent for ``ttl_s`` is dropped
+    (its picture key expires by itself, its caption is pruned), and beyond ``max_cameras`` the
+    longest-silent ones go first.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: float = 24 * 3600.0,
+                 max_cameras: int = 1000, prune_every_s: float = 10.0) -> None:
         self._client = client
         self._prefix = prefix
         self._key = f"{prefix}:api:cameras"
+        self._seen_key = f"{prefix}:api:cameras:seen"  # zset camera id -> last update time
+        self.ttl_s = ttl_s
+        self.max_cameras = max_cameras
+        self._prune_every_s = prune_every_s
+        self._pruned_at = 0.0
+
+    @classmethod
+    def bounded(cls, client: redis.Redis, prefix: str, settings: ApiSettings) -> CameraStore:
+        return cls(client, prefix, settings.camera_ttl_s, settings.max_cameras)
 
     def _jpeg_key(self, camera_id: str) -> str:
         return f"{self._prefix}:api:camera:{camera_id}:jpeg"
@@ -247,24 +264,49 @@ class CameraStore:
             if (current is not None and current.get("replay_session") is None
                     and time.time() - float(current.get("updated_ts", 0)) < LIVE_PRECEDENCE_S):
                 return False
+        now = time.time()
         record = {"camera_id": frame.camera_id, "line_id": frame.line_id, "product_class": frame.product_class,
                   "seq": frame.seq, "capture_ts": frame.capture_ts, "width": frame.width, "height": frame.height,
                   "image_score": score.image_score, "method": score.method, "scored_ts": score.scored_ts,
-                  "replay_session": frame.replay_session, "updated_ts": time.time(),
+                  "replay_session": frame.replay_session, "updated_ts": now,
                   "latest_url": f"/api/v1/cameras/{frame.camera_id}/latest.jpg"}
         pipe = self._client.pipeline(transaction=True)  # the picture and its caption change together
         pipe.hset(self._key, frame.camera_id, json.dumps(record))
-        pipe.set(self._jpeg_key(frame.camera_id), jpeg)
+        pipe.set(self._jpeg_key(frame.camera_id), jpeg, px=int(self.ttl_s * 1000))
+        pipe.zadd(self._seen_key, {frame.camera_id: now})
         pipe.execute()
+        if now - self._pruned_at >= self._prune_every_s or int(self._client.zcard(self._seen_key)) > self.max_cameras:
+            self.prune(now)
         return True
+
+    def prune(self, now: float | None = None) -> int:
+        """Forget cameras silent for ttl_s and the longest-silent beyond max_cameras; returns how many."""
+        now = time.time() if now is None else now
+        self._pruned_at = now
+        gone = [m for m in self._client.zrangebyscore(self._seen_key, "-inf", f"({now - self.ttl_s!r}")]
+        excess = int(self._client.zcard(self._seen_key)) - len(gone) - self.max_cameras
+        if excess > 0:
+            oldest = self._client.zrange(self._seen_key, 0, len(gone) + excess - 1)
+            gone = list(dict.fromkeys([*gone, *oldest]))
+        if not gone:
+            return 0
+        ids = [g.decode() if isinstance(g, bytes) else str(g) for g in gone]
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zrem(self._seen_key, *ids)
+        pipe.hdel(self._key, *ids)
+        pipe.delete(*[self._jpeg_key(i) for i in ids])
+        pipe.execute()
+        log.info("api_cameras_pruned", cameras=len(ids))
+        return len(ids)
 
     def get(self, camera_id: str) -> dict[str, Any] | None:
         raw = self._client.hget(self._key, camera_id)
         return json.loads(raw) if raw is not None else None
 
     def all(self) -> list[dict[str, Any]]:
+        cutoff = time.time() - self.ttl_s
         records = [json.loads(raw) for raw in self._client.hvals(self._key)]
-        return sorted(records, key=lambda r: r["camera_id"])
+        return sorted((r for r in records if float(r.get("updated_ts", 0)) >= cutoff), key=lambda r: r["camera_id"])
 
     def jpeg(self, camera_id: str) -> bytes | None:
         raw = self._client.get(self._jpeg_key(camera_id))

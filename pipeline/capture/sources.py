@@ -24,6 +24,7 @@ from pipeline.config import CameraConfig, CaptureSettings, ConfigError
 from pipeline.imaging import FrameDecodeError, read_image
 from pipeline.logging import get_logger
 from pipeline.metrics import FRAMES_DROPPED
+from pipeline.paths import contained
 
 Frame = tuple[np.ndarray, float]
 
@@ -167,7 +168,8 @@ class ImageFolderSource(FrameSource):
                 continue
             try:
                 rec = json.loads(line)
-                entries.append(_Entry(self.path / str(rec["file"]), float(rec["capture_ts"])))
+                # Index entries name files of this folder only (an index is data, not a path list).
+                entries.append(_Entry(contained(self.path, str(rec["file"])), float(rec["capture_ts"])))
             except (ValueError, KeyError, TypeError) as exc:
                 raise SourceError(f"{index}:{lineno}: bad index record ({exc})") from None
         # A recording is replayed in capture order even if lines were appended out of order.

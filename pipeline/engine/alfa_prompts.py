@@ -19,6 +19,7 @@ from pipeline.config import LLMSettings
 from pipeline.engine.llm import ChatClient, LLMError
 from pipeline.engine.prompting import compositional_prompts
 from pipeline.logging import get_logger
+from pipeline.paths import contained
 
 log = get_logger(__name__)
 
@@ -110,6 +111,12 @@ def compose(object_name: str, normal: list[str], abnormal: list[str], source: st
     return PromptSet(tuple(n), tuple(a), source)
 
 
+def prompt_cache_file(cache_dir: Path, model: str, object_name: str) -> Path:
+    """The LLM answer's cache file: named by a hash, since class names come from frame headers."""
+    digest = hashlib.sha256(json.dumps([model, object_name]).encode()).hexdigest()[:32]
+    return contained(cache_dir, f"alfa-{digest}.json")
+
+
 def build_prompt_set(object_name: str, llm: LLMSettings, cache_dir: Path | None = None,
                      include_cpe: bool = True) -> PromptSet:
     """LLM descriptions when an endpoint is configured (cached on disk), else the offline vocabulary.
@@ -118,7 +125,7 @@ def build_prompt_set(object_name: str, llm: LLMSettings, cache_dir: Path | None 
     because a text service is down.
     """
     if llm.url:
-        cached = cache_dir / f"alfa-{llm.model}-{object_name.replace(' ', '_')}.json" if cache_dir else None
+        cached = prompt_cache_file(cache_dir, llm.model, object_name) if cache_dir else None
         if cached is not None and cached.is_file():
             try:
                 data = json.loads(cached.read_text())

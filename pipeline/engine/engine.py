@@ -29,6 +29,7 @@ from pipeline.engine.weights import load_backbone
 from pipeline.engine.winclip import ReferenceMemory, WinClip
 from pipeline.imaging import read_image
 from pipeline.logging import get_logger
+from pipeline.paths import contained
 
 log = get_logger(__name__)
 
@@ -132,7 +133,8 @@ class AnomalyEngine:
 
     def load_references(self, product_class: str, folder: Path, k_shot: int = 0) -> int:
         """Reference images from folder/<class>/ if present, else folder itself; k_shot=0 takes all."""
-        sub = folder / product_class
+        # The class name comes from frame headers: its folder must stay inside the references root.
+        sub = contained(folder, product_class)
         source = sub if sub.is_dir() else folder
         if not source.is_dir():
             raise FileNotFoundError(f"reference folder not found: {source}")
@@ -142,6 +144,11 @@ class AnomalyEngine:
         paths = paths[:k_shot] if k_shot else paths
         self.set_references(product_class, [read_image(str(p)) for p in paths])
         return len(paths)
+
+    def forget_class(self, product_class: str) -> None:
+        """Drop a class's text embeddings and references (the caller bounds how many classes stay)."""
+        self._text.pop(product_class, None)
+        self._references.pop(product_class, None)
 
     def k_shot(self, product_class: str) -> int:
         mem = self._references.get(product_class)

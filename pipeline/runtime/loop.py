@@ -96,6 +96,11 @@ class Stage:
         None: the runtime commits every handled batch."""
         return None
 
+    def commit_floor(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Of the offsets handled so far, those safe to commit: a stage that holds records back
+        (e.g. frames waiting for their class) lowers them and returns the rest later."""
+        return offsets
+
     def on_stop(self) -> None:
         """The loop ended: settle what can be settled before the final commit."""
 
@@ -597,7 +602,7 @@ class StreamRuntime:
             self._done.clear()
             return
         settled = self.stage.committable()
-        offsets = settled if settled is not None else self._done
+        offsets = settled if settled is not None else self.stage.commit_floor(dict(self._done))
         todo = {tp: off for tp, off in offsets.items()
                 if tp in self._assigned and self._committed.get(tp) != off}
         if not todo:

@@ -1,34 +1,57 @@
 """Turning raw frame records into score messages.
 
-Validation rejects a record with a reason (the worker sends it to the DLQ); scoring groups a
-micro-batch by product class so frames of many cameras share one forward; a batch that fails is
-retried frame by frame so one bad frame cannot take its neighbours down with it.
+Validation rejects a record with a reason (the worker sends it to the DLQ) before any work is done
+with it: header fields, class allowlist, magic bytes and the real image size from the encoded
+header are checked before a pixel is decoded. Scoring groups a micro-batch by product class so
+frames of many cameras share one forward; a batch that fails is retried frame by frame so one bad
+frame cannot take its neighbours down with it.
+
+Classes: configured classes are prepared by ``prepare_classes`` when the worker starts. A class
+seen for the first time is prepared on the spot, or, with ``defer_new_classes``, in a background
+thread while its frames are *held* by the stage (never dropped): they are scored by a later
+``score`` call once the class is ready, and ``commit_floor`` keeps the offsets of their partitions
+from being committed past them, so a crash meanwhile redelivers them. Other classes' frames go on
+being scored meanwhile. Before any class is prepared (a worker without ``scoring.classes`` that
+just started) there is nothing to hold up, so the first classes are prepared in place.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
-from pydantic import ValidationError
 
 from pipeline.config import ScoringSettings
 from pipeline.engine.engine import AnomalyEngine, FrameScore
-from pipeline.imaging import FrameDecodeError, decode_image, encode_jpeg, quantize_map
+from pipeline.imaging import FrameDecodeError, decode_image, quantize_map, thumbnail_jpeg
 from pipeline.logging import get_logger
-from pipeline.metrics import BATCH_SIZE, END_TO_END_SECONDS, FRAMES_SCORED, FRAMES_STALE, SCORING_SECONDS
+from pipeline.metrics import (
+    BATCH_SIZE,
+    CAMERA_LABEL,
+    CLASS_LABEL,
+    END_TO_END_SECONDS,
+    FRAMES_SCORED,
+    FRAMES_STALE,
+    SCORING_SECONDS,
+)
+from pipeline.paths import PathEscapeError
 from pipeline.runtime.envelope import Envelope, Output, Record, Reject, Skip, StageResult
 from pipeline.runtime.loop import Stage
+from pipeline.scoring import checks
+from pipeline.scoring.checks import FrameCheckError, first_line
 from schemas import FrameHeader, ScoreMessage
 
 log = get_logger(__name__)
 
-THUMBNAIL_WIDTH = 256
+# Thumbnails fit this square whatever the frame's shape (a 256x65000 frame must not make a 10 MB one).
+THUMBNAIL_BOX = 256
 
 
 @dataclass(frozen=True)
@@ -50,100 +73,235 @@ class Skipped:
     source: object
 
 
-def thumbnail(image: np.ndarray, width: int = THUMBNAIL_WIDTH) -> bytes:
-    h, w = image.shape[:2]
-    if w > width:
-        image = cv2.resize(image, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
-    return encode_jpeg(image, quality=80)
+def thumbnail(image: np.ndarray, box: int = THUMBNAIL_BOX) -> bytes:
+    return thumbnail_jpeg(image, box=box, quality=80)
+
+
+def _partition(source: object) -> tuple[str, int] | None:
+    topic, partition = getattr(source, "topic", None), getattr(source, "partition", None)
+    return (topic, partition) if isinstance(topic, str) and isinstance(partition, int) else None
 
 
 class ScoringStage(Stage):
     def __init__(self, engine: AnomalyEngine, settings: ScoringSettings, shots_dir: Path | None = None,
-                 k_shot: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 k_shot: int = 0, clock: Callable[[], float] = time.time,
+                 defer_new_classes: bool = False) -> None:
         self.engine = engine
         self.settings = settings
         self.shots_dir = shots_dir
         self.k_shot = k_shot
         self.clock = clock
-        self._classes: set[str] = set()
+        self.allowed: frozenset[str] | None = (
+            frozenset(settings.classes) if settings.classes is not None else None)
+        if settings.classes:
+            CLASS_LABEL.configure(settings.classes)
+        # Prepared classes, least recently scored first; beyond the cap the oldest is forgotten.
+        self._cap = max(settings.max_classes, len(settings.classes or ()))
+        self._classes: OrderedDict[str, None] = OrderedDict()
+        self.defer_new_classes = defer_new_classes
+        self._preparing: dict[str, Future[None]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._held: list[Frame] = []
+        self._lock = threading.Lock()
+        # Next offsets processed per partition, kept until they could be committed whole.
+        self._wanted: dict[tuple[str, int], tuple[Any, int]] = {}
 
     # -- validation ---------------------------------------------------------------------------
     def accept(self, value: bytes | None, headers: list[tuple[str, bytes]] | None, source: object,
                ) -> Frame | Rejected | Skipped:
-        if not value:
-            return Rejected("empty: record has no value", source)
-        if len(value) > self.settings.max_frame_bytes:
-            return Rejected(f"oversized: {len(value)} bytes > {self.settings.max_frame_bytes}", source)
         try:
-            header = FrameHeader.from_headers(headers)
-        except (ValidationError, ValueError) as exc:
-            return Rejected(f"bad_header: {_first_line(exc)}", source)
+            return self._accept(value, headers, source)
+        except FrameCheckError as exc:
+            return Rejected(exc.reason, source)
+
+    def _accept(self, value: bytes | None, headers: list[tuple[str, bytes]] | None, source: object,
+                ) -> Frame | Skipped:
+        if not value:
+            raise FrameCheckError(checks.EMPTY, "record has no value")
+        if len(value) > self.settings.max_frame_bytes:
+            raise FrameCheckError(checks.OVERSIZED, f"{len(value)} bytes > {self.settings.max_frame_bytes}")
+        header = checks.parse_header(headers)
+        if self.allowed is not None and header.product_class not in self.allowed:
+            raise FrameCheckError(checks.UNKNOWN_CLASS, f"{header.product_class!r} is not in scoring.classes")
         if header.width * header.height > self.settings.max_frame_pixels:
-            return Rejected(f"oversized: {header.width}x{header.height} pixels", source)
-        if self._stale(header):
-            FRAMES_STALE.labels(camera=header.camera_id).inc()
+            raise FrameCheckError(checks.OVERSIZED, f"{header.width}x{header.height} pixels "
+                                                  f"> {self.settings.max_frame_pixels}")
+        now = self.clock()
+        if header.replay_session is None and header.capture_ts - now > self.settings.max_future_s:
+            # Replays are stamped relative to their start and may run ahead of the clock at --speed max.
+            raise FrameCheckError(checks.FUTURE_CAPTURE_TS, f"capture_ts {header.capture_ts:.3f} is "
+                                                          f"{header.capture_ts - now:.0f} s ahead of the clock")
+        if self._stale(header, now):
+            FRAMES_STALE.labels(camera=CAMERA_LABEL(header.camera_id)).inc()
             return Skipped("stale", source)
+        checks.check_encoded(value, header, self.settings.max_frame_pixels)
         try:
             image = decode_image(value)
         except FrameDecodeError as exc:
-            return Rejected(f"undecodable: {exc}", source)
+            raise FrameCheckError(checks.UNDECODABLE, str(exc)) from None
         if image.shape[:2] != (header.height, header.width):
-            return Rejected(f"dimension_mismatch: header {header.width}x{header.height}, "
-                            f"image {image.shape[1]}x{image.shape[0]}", source)
+            raise FrameCheckError(checks.DIMENSION_MISMATCH, f"header {header.width}x{header.height}, "
+                                                           f"image {image.shape[1]}x{image.shape[0]}")
         return Frame(header, image, source)
 
-    def _stale(self, header: FrameHeader) -> bool:
+    def _stale(self, header: FrameHeader, now: float) -> bool:
         # Replays are scored whatever their age: they exist to look at the past.
         limit = self.settings.staleness_s
-        return limit is not None and header.replay_session is None and self.clock() - header.capture_ts > limit
+        return limit is not None and header.replay_session is None and now - header.capture_ts > limit
 
-    # -- scoring ------------------------------------------------------------------------------
-    def prepare_classes(self, product_classes: Iterable[str]) -> None:
-        """Prepare classes ahead of their first frame (prompts, references); a failure is left to scoring."""
-        for product_class in sorted(set(product_classes)):
+    # -- classes ------------------------------------------------------------------------------
+    def prepare_classes(self, classes: Iterable[str] | None = None) -> list[str]:
+        """Prepare classes now (default: ``scoring.classes``); returns those that failed (logged)."""
+        failed = []
+        for product_class in self.settings.classes or [] if classes is None else classes:
             try:
-                self._ensure_class(product_class)
+                self._prepare(product_class)
             except Exception as exc:
-                log.warning("class_prepare_failed", product_class=product_class, error=_first_line(exc))
+                # A class that cannot be prepared now is tried again when its first frame comes.
+                log.error("class_preparation_failed", product_class=product_class, error=first_line(exc))
+                failed.append(product_class)
+            else:
+                self._mark_ready(product_class)
+        return failed
 
-    def _ensure_class(self, product_class: str) -> None:
-        if product_class in self._classes:
-            return
+    def _prepare(self, product_class: str) -> None:
+        started = time.perf_counter()
         if self.shots_dir is not None:
             try:
                 self.engine.load_references(product_class, self.shots_dir, self.k_shot)
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, PathEscapeError) as exc:
                 log.warning("no_references_zero_shot", product_class=product_class, error=str(exc))
         self.engine.prepare(product_class)
-        self._classes.add(product_class)
+        log.info("class_prepared", product_class=product_class,
+                 seconds=round(time.perf_counter() - started, 3))
 
+    def _mark_ready(self, product_class: str) -> None:
+        with self._lock:
+            self._classes[product_class] = None
+            self._classes.move_to_end(product_class)
+            evicted = []
+            while len(self._classes) > self._cap:
+                evicted.append(self._classes.popitem(last=False)[0])
+        for old in evicted:
+            self.engine.forget_class(old)
+            log.info("class_forgotten", product_class=old, cap=self._cap)
+
+    def ready(self, product_class: str) -> bool:
+        with self._lock:
+            return product_class in self._classes
+
+    def _ensure_class(self, product_class: str) -> None:
+        if self.ready(product_class):
+            return
+        self._prepare(product_class)
+        self._mark_ready(product_class)
+
+    def _start_preparing(self, product_class: str) -> Future[None]:
+        with self._lock:
+            future = self._preparing.get(product_class)
+            if future is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="class-prepare")
+                log.info("class_preparing_in_background", product_class=product_class)
+                future = self._executor.submit(self._prepare, product_class)
+                self._preparing[product_class] = future
+            return future
+
+    @property
+    def held(self) -> int:
+        """Frames waiting for their class to be prepared."""
+        with self._lock:
+            return len(self._held)
+
+    def commit_floor(self, offsets: Mapping[Any, int]) -> dict[Any, int]:
+        """Offsets safe to commit, given ``offsets`` processed now (``{TopicPartition: next offset}``).
+
+        A partition with held frames commits up to its earliest held frame; once they are scored
+        (a later call) the rest of what was processed is returned again, so nothing is left behind.
+        """
+        with self._lock:
+            for tp, offset in offsets.items():
+                key = (tp.topic, tp.partition) if hasattr(tp, "topic") else tuple(tp)
+                current = self._wanted.get(key)
+                if current is None or offset > current[1]:
+                    self._wanted[key] = (tp, offset)
+            floors: dict[tuple[str, int], int] = {}
+            for f in self._held:
+                part = _partition(f.source)
+                if part is not None:
+                    floors[part] = min(floors.get(part, f.source.offset), f.source.offset)  # type: ignore[attr-defined]
+            out = {}
+            for key, (tp, offset) in list(self._wanted.items()):
+                floor = floors.get(key)
+                out[tp] = offset if floor is None else min(offset, floor)
+                if floor is None:
+                    del self._wanted[key]
+            return out
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- scoring ------------------------------------------------------------------------------
     def score(self, frames: Sequence[Frame]) -> tuple[list[tuple[Frame, ScoreMessage]], list[Rejected]]:
-        """Score a micro-batch; returns (frame, message) pairs and frames that failed scoring."""
+        """Score a micro-batch (plus held frames whose class became ready).
+
+        Returns (frame, message) pairs and frames that failed; frames of a class still being
+        prepared in the background are held and come back from a later call.
+        """
+        with self._lock:
+            frames = [*self._held, *frames]
+            self._held = []
         by_class: dict[str, list[Frame]] = defaultdict(list)
         for f in frames:
             by_class[f.header.product_class].append(f)
         done: list[tuple[Frame, ScoreMessage]] = []
         failed: list[Rejected] = []
+        with self._lock:
+            # Before any class is prepared there is nothing to hold up: the first are prepared in place.
+            defer = self.defer_new_classes and bool(self._classes)
         for product_class, group in by_class.items():
+            if not self.ready(product_class):
+                if defer:
+                    future = self._start_preparing(product_class)
+                    if not future.done():
+                        with self._lock:
+                            self._held.extend(group)
+                        continue
+                    with self._lock:
+                        self._preparing.pop(product_class, None)
+                    error = future.exception()
+                    if error is not None:
+                        failed.extend(Rejected(f"{checks.CLASS_PREPARATION_FAILED}: {first_line(error)}",
+                                               f.source) for f in group)
+                        continue
+                    self._mark_ready(product_class)
+                else:
+                    try:
+                        self._ensure_class(product_class)
+                    except Exception as exc:
+                        failed.extend(Rejected(f"{checks.CLASS_PREPARATION_FAILED}: {first_line(exc)}",
+                                               f.source) for f in group)
+                        continue
+            self._mark_ready(product_class)  # most recently used
             try:
-                self._ensure_class(product_class)
                 results = self._timed_score(group, product_class)
             except Exception as exc:
-                log.warning("batch_failed_retrying_singly", product_class=product_class, error=_first_line(exc))
+                log.warning("batch_failed_retrying_singly", product_class=product_class, error=first_line(exc))
                 results = []
                 for f in group:
                     try:
                         results.extend(self._timed_score([f], product_class))
                     except Exception as single:
-                        failed.append(Rejected(f"scoring_failed: {_first_line(single)}", f.source))
+                        failed.append(Rejected(f"{checks.SCORING_FAILED}: {first_line(single)}", f.source))
                         results.append(None)
             for f, r in zip(group, results, strict=True):
                 if r is None:
                     continue
                 try:
                     done.append((f, self._message(f, r)))
-                except Exception as exc:  # e.g. a thumbnail that cannot be encoded: this frame only
-                    failed.append(Rejected(f"message_failed: {type(exc).__name__}: {_first_line(exc)}", f.source))
+                except Exception as exc:  # building the message (map, thumbnail) is per frame too
+                    failed.append(Rejected(f"{checks.SCORING_FAILED}: {first_line(exc)}", f.source))
         return done, failed
 
     # -- on the stream runtime ------------------------------------------------------------------
@@ -157,8 +315,21 @@ class ScoringStage(Stage):
         return verdict
 
     def handle(self, records: Sequence[Record[Frame]]) -> StageResult:
-        """Score a micro-batch of decoded frames: one score message per frame, or its reject."""
-        scored, failed = self.score([r.message for r in records])
+        """Score a micro-batch of decoded frames: one score message per frame, or its reject.
+
+        Frames of a class still being prepared are held (see ``commit_floor``) and come out of a
+        later ``handle`` or ``on_tick``."""
+        return self._result(*self.score([r.message for r in records]))
+
+    def on_tick(self) -> StageResult:
+        # Held frames whose class became ready are scored even when no new record arrives.
+        return self._result(*self.score([])) if self.held else StageResult()
+
+    def settled(self) -> bool:
+        return self.held == 0
+
+    @staticmethod
+    def _result(scored: list[tuple[Frame, ScoreMessage]], failed: list[Rejected]) -> StageResult:
         return StageResult(
             outputs=[Output("scores", msg.model_dump_json().encode(), key=f.header.camera_id.encode(),
                             source=f.source if isinstance(f.source, Envelope) else None)
@@ -171,7 +342,7 @@ class ScoringStage(Stage):
         results = self.engine.score([f.image for f in group], product_class)
         SCORING_SECONDS.observe(time.perf_counter() - start)
         BATCH_SIZE.observe(len(group))
-        FRAMES_SCORED.labels(product_class=product_class, method=self.engine.method).inc(len(group))
+        FRAMES_SCORED.labels(product_class=CLASS_LABEL(product_class), method=self.engine.method).inc(len(group))
         return list(results)
 
     @staticmethod
@@ -193,7 +364,3 @@ class ScoringStage(Stage):
             method=self.engine.method, latency_ms=latency * 1000.0, scored_ts=now,
         )
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
