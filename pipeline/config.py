@@ -165,6 +165,19 @@ class CameraConfig(BaseModel):
     source: str
     fps: float | None = Field(default=None, gt=0)
     loop: bool = False
+    # Areas never alarmed on (fixtures, serial numbers): polygons of [x, y] in 0..1 of the frame size.
+    ignore_regions: list[list[tuple[float, float]]] = []
+    # Overrides the product class's threshold for this camera (the API can change it live).
+    threshold: float | None = None
+
+
+class ReferenceSettings(BaseModel):
+    """Versioned normal reference sets in Redis (``linewatch references``, false-alarm teaching)."""
+
+    # Most memory rows per bank (patches, and each WinCLIP window scale) after greedy coreset.
+    max_patches: int = Field(default=4096, ge=16)
+    # How often a scorer checks whether a class's reference version changed (one Redis read).
+    poll_s: float = Field(default=1.0, gt=0)
 
 
 class MetricsSettings(BaseModel):
@@ -187,6 +200,7 @@ class Settings(BaseSettings):
     deliver: DeliverSettings = DeliverSettings()
     api: ApiSettings = ApiSettings()
     metrics: MetricsSettings = MetricsSettings()
+    references: ReferenceSettings = ReferenceSettings()
     cameras: list[CameraConfig] = []
     log_level: str = "info"
 

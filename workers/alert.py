@@ -29,6 +29,7 @@ from pipeline.bus import (
     next_offsets,
     send_dead_letter,
 )
+from pipeline.camera_tuning import CameraTuningStore
 from pipeline.config import Settings
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
@@ -74,6 +75,7 @@ def run_alert(
         settings.alert,
         ThresholdStore(client, settings.redis.key_prefix),
         CameraStateStore(client, settings.redis.key_prefix),
+        cameras=settings.cameras, tuning=CameraTuningStore(client, settings.redis.key_prefix),
     )
     try:
         # The defects topic with the configured partitions, not the broker's auto-creation default.

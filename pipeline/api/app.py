@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field, ValidationError
 from redis.exceptions import RedisError
 
 from pipeline.api.ingest import Ingest
+from pipeline.api.routes_learning import learning_router
 from pipeline.api.store import (
     ALL_SESSIONS,
     EVENT_ID_PATTERN,
@@ -329,6 +330,7 @@ def create_app(settings: Settings, ingest: Ingest | None = None, heartbeat_s: fl
         return {"product_class": product_class, "threshold": ctx.thresholds.get(product_class),
                 "meta": ctx.thresholds.meta(product_class)}
 
+    api.include_router(learning_router(ctx))
     app.include_router(api)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

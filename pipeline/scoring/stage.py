@@ -22,7 +22,9 @@ from pipeline.engine.engine import AnomalyEngine, FrameScore
 from pipeline.imaging import FrameDecodeError, decode_image, encode_jpeg, quantize_map
 from pipeline.logging import get_logger
 from pipeline.metrics import BATCH_SIZE, END_TO_END_SECONDS, FRAMES_SCORED, FRAMES_STALE, SCORING_SECONDS
+from pipeline.references.sync import ReferenceSync
 from schemas import FrameHeader, ScoreMessage
+from schemas.scores import FrameSource
 
 log = get_logger(__name__)
 
@@ -57,13 +59,17 @@ def thumbnail(image: np.ndarray, width: int = THUMBNAIL_WIDTH) -> bytes:
 
 class ScoringStage:
     def __init__(self, engine: AnomalyEngine, settings: ScoringSettings, shots_dir: Path | None = None,
-                 k_shot: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 k_shot: int = 0, clock: Callable[[], float] = time.time,
+                 references: ReferenceSync | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.shots_dir = shots_dir
         self.k_shot = k_shot
         self.clock = clock
         self._classes: set[str] = set()
+        # Versioned reference sets in Redis win over shots_dir; versions are followed live.
+        self.references = references
+        self.reference_versions: dict[str, str | None] = {}
 
     # -- validation ---------------------------------------------------------------------------
     def accept(self, value: bytes | None, headers: list[tuple[str, bytes]] | None, source: object,
@@ -99,16 +105,25 @@ class ScoringStage:
     def _ensure_class(self, product_class: str) -> None:
         if product_class in self._classes:
             return
-        if self.shots_dir is not None:
+        version = self.references.load(self.engine, product_class) if self.references is not None else None
+        previous = self.reference_versions.get(product_class)
+        if version is None and previous is not None and previous != "dir":
+            self.engine.clear_references(product_class)  # its set was removed: back to shots_dir/zero-shot
+        if version is None and self.shots_dir is not None:
             try:
                 self.engine.load_references(product_class, self.shots_dir, self.k_shot)
+                version = "dir"
             except FileNotFoundError as exc:
                 log.warning("no_references_zero_shot", product_class=product_class, error=str(exc))
+        self.reference_versions[product_class] = version
         self.engine.prepare(product_class)
         self._classes.add(product_class)
 
     def score(self, frames: Sequence[Frame]) -> tuple[list[tuple[Frame, ScoreMessage]], list[Rejected]]:
         """Score a micro-batch; returns (frame, message) pairs and frames that failed scoring."""
+        if self.references is not None:
+            # A class whose reference version moved is reloaded before this batch is scored.
+            self._classes -= self.references.changed()
         by_class: dict[str, list[Frame]] = defaultdict(list)
         for f in frames:
             by_class[f.header.product_class].append(f)
@@ -129,7 +144,7 @@ class ScoringStage:
                         results.append(None)
             for f, r in zip(group, results, strict=True):
                 if r is not None:
-                    done.append((f, self._message(f, r)))
+                    done.append((f, self._stamp(f, self._message(f, r))))
         return done, failed
 
     def _timed_score(self, group: Sequence[Frame], product_class: str) -> list[FrameScore | None]:
@@ -139,6 +154,16 @@ class ScoringStage:
         BATCH_SIZE.observe(len(group))
         FRAMES_SCORED.labels(product_class=product_class, method=self.engine.method).inc(len(group))
         return list(results)
+
+    def _stamp(self, frame: Frame, msg: ScoreMessage) -> ScoreMessage:
+        """Where the frame lies in Kafka and which prompts and references scored it (traceability)."""
+        src = frame.source
+        topic, partition, offset = (getattr(src, a, None) for a in ("topic", "partition", "offset"))
+        if isinstance(topic, str) and isinstance(partition, int) and isinstance(offset, int):
+            msg.source = FrameSource(topic=topic, partition=partition, offset=offset)
+        msg.prompt_version = self.engine.prompt_version(frame.header.product_class)
+        msg.reference_version = self.reference_versions.get(frame.header.product_class)
+        return msg
 
     @staticmethod
     def _ingest_ts(frame: Frame) -> float:
