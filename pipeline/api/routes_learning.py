@@ -6,11 +6,14 @@ Included in the token-protected /api/v1 router by ``pipeline.api.app``.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi import Path as PathParam
+from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 EventId = Annotated[str, PathParam(pattern=EVENT_ID_PATTERN)]
 CameraId = Annotated[str, PathParam(pattern=CAMERA_ID_PATTERN, max_length=128)]
 SHIFT_S = 8 * 3600.0
+FRAME_CACHE = 16
 
 
 class LabelRequest(BaseModel):
@@ -80,11 +84,24 @@ def learning_router(ctx: Context) -> APIRouter:
                 "publish_error": result.publish_error}
 
     # -- the event view's images ---------------------------------------------------------------
+    frames: OrderedDict[str, Any] = OrderedDict()  # the last few peak frames: switching views refetches nothing
+
+    frames_lock = threading.Lock()
+
     def full_frame(ev: Any) -> Any:
+        with frames_lock:
+            if ev.event_id in frames:
+                frames.move_to_end(ev.event_id)
+                return frames[ev.event_id]
         try:
-            return imaging.decode_image(peak_frame(settings.kafka, ev))
-        except (FrameNotFoundError, ValueError, OSError):
+            frame = imaging.decode_image(peak_frame(settings.kafka, ev))
+        except (FrameNotFoundError, KafkaError, ValueError, OSError):
             return None  # no longer retained: the thumbnail stands in
+        with frames_lock:
+            frames[ev.event_id] = frame
+            while len(frames) > FRAME_CACHE:
+                frames.popitem(last=False)
+        return frame
 
     def view(event_id: str, kind: str) -> bytes:
         ev = load_event(event_id)

@@ -282,6 +282,7 @@ class CameraStore:
         record = {"camera_id": frame.camera_id, "line_id": frame.line_id, "product_class": frame.product_class,
                   "seq": frame.seq, "capture_ts": frame.capture_ts, "width": frame.width, "height": frame.height,
                   "image_score": score.image_score, "method": score.method, "scored_ts": score.scored_ts,
+                  "model_fingerprint": score.model_fingerprint, "reference_version": score.reference_version,
                   "replay_session": frame.replay_session, "updated_ts": time.time(),
                   "latest_url": f"/api/v1/cameras/{frame.camera_id}/latest.jpg"}
         pipe = self._client.pipeline(transaction=True)  # the picture and its caption change together
