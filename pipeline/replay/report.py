@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import imaging
-from pipeline.alerting.render import event_overlay
+from pipeline.overlay import is_random, outline_view
 from schemas.events import DefectEvent
 from schemas.scores import ScoreMessage
 
@@ -63,7 +63,7 @@ def write_report(out_dir: Path, summary: RunSummary, scores: list[ScoreMessage],
     for ev in sorted(events, key=lambda e: (e.first_ts, e.camera_id)):
         image_path = events_dir / f"{ev.event_id}.jpg"
         image_path.write_bytes(_overlay_jpeg(ev, frame_lookup))
-        rows.append({**ev.model_dump(mode="json", exclude={"mask_png", "thumbnail_jpeg"}),
+        rows.append({**ev.model_dump(mode="json", exclude={"mask_png", "thumbnail_jpeg", "peak_map_png"}),
                      "overlay": str(image_path.relative_to(out_dir))})
     report = {**asdict(summary), "events": rows}
     path = out_dir / "report.json"
@@ -75,4 +75,8 @@ def _overlay_jpeg(event: DefectEvent, frame_lookup: FrameLookup | None) -> bytes
     """The peak frame at full resolution when available, else the event's thumbnail, with the mask."""
     data = frame_lookup(event.camera_id, event.peak_seq) if frame_lookup else None
     frame = imaging.decode_image(data) if data else imaging.decode_image(event.thumbnail_jpeg)
-    return imaging.encode_jpeg(event_overlay(frame, event), quality=88)
+    rnd = is_random(event.provenance.model_fingerprint if event.provenance else None)
+    # The dashboard's mask view, so a report and the dashboard show an event alike.
+    picture = outline_view(frame, imaging.decode_png(event.mask_png), event.regions, (event.width, event.height),
+                           random_weights=rnd)
+    return imaging.encode_jpeg(picture, quality=88)
