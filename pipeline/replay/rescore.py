@@ -21,10 +21,12 @@ from tqdm import tqdm
 from pipeline.alerting.stage import AlertStage
 from pipeline.alerting.state_store import CameraStateStore
 from pipeline.bus import create_topics, make_consumer, make_producer, topic_name
+from pipeline.camera_tuning import CameraTuningStore
 from pipeline.config import Settings
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
+from pipeline.references.sync import ReferenceSync
 from pipeline.replay.report import RunSummary, write_report
 from pipeline.scoring.stage import Frame, ScoringStage
 from schemas.events import DefectEvent
@@ -100,11 +102,14 @@ def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, 
         ranges = plan_ranges(consumer, frames_topic, starts, ends)
         summary.notes.append("ranges: " + ", ".join(f"{r.partition}:{r.start}..{r.end}" for r in ranges))
         scoring = settings.scoring.model_copy(update={"staleness_s": None})  # old frames are the point
-        stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot)
+        # The current reference sets, camera thresholds and ignore regions, as live scoring uses them.
+        stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot,
+                             references=ReferenceSync.from_settings(settings))
         client = connect(settings.redis)
         alerts = AlertStage(settings.alert, ThresholdStore(client, settings.redis.key_prefix),
                             CameraStateStore(client, f"{settings.redis.key_prefix}:rescore:{session}", STATE_TTL_S),
-                            idle_evict_s=None)
+                            idle_evict_s=None, cameras=settings.cameras,
+                            tuning=CameraTuningStore(client, settings.redis.key_prefix))
         scores, events = _run(consumer, ranges, stage, alerts, settings, results_topic, summary, stop, progress)
         _drop_states(client, f"{settings.redis.key_prefix}:rescore:{session}")
         client.close()
