@@ -46,9 +46,12 @@ def test_camera_tile_timeline_and_tuning(browser: object, server: dash.ApiServer
     frame = view.find_element(By.CSS_SELECTOR, "img.frame")
     dash.wait(driver, lambda d: dash.loaded(d, frame), "the camera frame")
     dash.wait(driver, lambda d: view.get_attribute("data-threshold") == "0.5", "the threshold in effect")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", frame)
     w, h = frame.size["width"], frame.size["height"]
     for dx, dy in ((-0.4, -0.4), (0.0, -0.4), (0.0, 0.0)):  # offsets from the centre
         ActionChains(driver).move_to_element_with_offset(frame, int(dx * w), int(dy * h)).click().perform()
+    info = view.find_element(By.CSS_SELECTOR, ".regions-info")
+    assert "drawing: 3 point(s)" in info.text, info.text
     view.find_element(By.CSS_SELECTOR, "button.close-polygon").click()
     assert view.get_attribute("data-regions") == "1"
     view.find_element(By.CSS_SELECTOR, "button.save-regions").click()
