@@ -34,6 +34,7 @@ class ReferenceSync:
         self._table: dict[str, int] | None = None
         self._checked = float("-inf")
         self._warned = False
+        self._loaded: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferenceSync | None:
@@ -63,15 +64,26 @@ class ReferenceSync:
         return {c for c in set(old) | set(table) if old.get(c) != table.get(c)}
 
     def load(self, engine: AnomalyEngine, product_class: str) -> str | None:
-        """Install the class's current version; returns its tag, or None when the class has none."""
+        """Install the class's current version; returns its tag, or None when the class has none.
+
+        Redis trouble or a damaged version keeps what is installed (and says so): frames are never
+        rejected because references could not be refreshed.
+        """
         if self._table is None:
             self.changed()
         version = (self._table or {}).get(product_class)
         if version is None:
+            self._loaded.pop(product_class, None)
             return None
-        ref = self.store.get(product_class, version)
-        if ref is None:
-            log.warning("reference_version_missing", product_class=product_class, version=version)
-            return None
-        install(engine, self.store, ref, self.max_patches)
+        try:
+            ref = self.store.get(product_class, version)
+            if ref is None:
+                raise LookupError(f"version {version} is gone")
+            install(engine, self.store, ref, self.max_patches)
+        except (RedisError, LookupError, ValueError) as exc:
+            kept = self._loaded.get(product_class)
+            log.warning("reference_load_failed", product_class=product_class, version=version, error=repr(exc),
+                        keeping=kept)
+            return kept
+        self._loaded[product_class] = ref.tag
         return ref.tag
