@@ -25,13 +25,16 @@ def greedy_coreset(features: np.ndarray, size: int, seed: int = 0) -> np.ndarray
         rng = np.random.default_rng(seed)
         proj = rng.standard_normal((x.shape[1], PROJECTION_DIM)).astype(np.float32) / np.sqrt(PROJECTION_DIM)
         x = x @ proj
+    x = np.ascontiguousarray(x)
+    sq = np.einsum("ij,ij->i", x, x)
     chosen = np.empty(size, dtype=np.int64)
     chosen[0] = 0
-    dist = np.sum((x - x[0]) ** 2, axis=1)
+    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one matrix-vector product per step, no (N, D) temporaries.
+    dist = sq + sq[0] - 2.0 * (x @ x[0])
     for i in range(1, size):
         nxt = int(np.argmax(dist))
         chosen[i] = nxt
-        dist = np.minimum(dist, np.sum((x - x[nxt]) ** 2, axis=1))
+        np.minimum(dist, sq + sq[nxt] - 2.0 * (x @ x[nxt]), out=dist)
     return np.sort(chosen)
 
 
