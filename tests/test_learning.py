@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 
 from pipeline.api.store import EventStore
 from pipeline.config import AlertSettings, KafkaSettings, RedisSettings, ReferenceSettings, Settings
-from pipeline.imaging import encode_jpeg, read_image
+from pipeline.imaging import decode_image, encode_jpeg, read_image
 from pipeline.labels import label_event
 from pipeline.recording import Recorder
 from pipeline.references.store import ReferenceStore
@@ -85,6 +85,8 @@ def test_a_false_alarm_teaches_the_scorers(settings: Settings, workers: None, fr
 
     session, n_events = replay(settings, rec, tmp_path / "r1")
     assert n_events == 1
+    report = json.loads((tmp_path / "r1" / "report.json").read_text())
+    assert report["notes"][0].startswith("RANDOM WEIGHTS")  # the report says so on itself
     events = [DefectEvent.model_validate_json(r.value) for r in read_topic(settings.kafka, "defects", 1)]
     opened = [e for e in events if e.replay_session == session and e.status == "open"]
     assert len(opened) == 1 and opened[0].peak_seq == 2
@@ -94,6 +96,8 @@ def test_a_false_alarm_teaches_the_scorers(settings: Settings, workers: None, fr
     assert event.provenance is not None and event.provenance.reference_version == f"{CLASS}:v1"
     assert event.provenance.method == "winclip" and event.provenance.prompt_version
     assert ":random-" in (event.provenance.model_fingerprint or "")
+    thumb = decode_image(event.thumbnail_jpeg)
+    assert thumb[2, -3, 0] > 150 and thumb[2, -3, 1] < 90  # the red RANDOM WEIGHTS banner
 
     store = EventStore(redis_client, settings.redis.key_prefix)
     assert store.put(event) is not None

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
+from pipeline import imaging
 from pipeline.alerting.debounce import CameraState, Transition, is_redelivery, step, tick
 from pipeline.alerting.render import build_event
 from pipeline.alerting.state_store import CameraStateStore, StateKey
@@ -18,6 +19,7 @@ from pipeline.camera_tuning import CameraTuningStore, apply_ignore, effective
 from pipeline.config import AlertSettings, CameraConfig
 from pipeline.logging import get_logger
 from pipeline.metrics import EVENTS_OPENED
+from pipeline.overlay import is_random, stamp_random
 from pipeline.redis_store import ThresholdStore
 from schemas.events import DefectEvent
 from schemas.scores import FrameSource, Provenance, ScoreMessage
@@ -162,6 +164,9 @@ class AlertStage:
         event.peak_map_png, event.peak_map_min, event.peak_map_max = ev.peak.map_png, ev.peak.map_min, ev.peak.map_max
         if ev.peak.provenance is not None:
             event.provenance = Provenance.model_validate(ev.peak.provenance)
+            if is_random(event.provenance.model_fingerprint):  # the picture says so on itself
+                thumb = imaging.decode_image(event.thumbnail_jpeg)
+                event.thumbnail_jpeg = imaging.encode_jpeg(stamp_random(thumb), quality=85)
         bound = log.bind(camera=ev.camera_id, event_id=ev.event_id, session=ev.replay_session)
         if status == "open":
             EVENTS_OPENED.labels(camera=ev.camera_id, product_class=ev.product_class).inc()

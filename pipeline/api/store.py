@@ -29,7 +29,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from pipeline import imaging
+from pipeline import imaging, overlay
 from pipeline.alerting.render import event_overlay
 from pipeline.logging import get_logger
 from schemas.events import DefectEvent
@@ -257,7 +257,9 @@ def render_latest(score: ScoreMessage) -> bytes:
     """
     image = imaging.decode_image(score.thumbnail_jpeg)
     amap = imaging.dequantize_map(score.anomaly_map_png, score.map_min, score.map_max, image.shape[:2])
-    return imaging.encode_jpeg(imaging.heat_overlay(image, amap, vmin=0.0, vmax=1.0), quality=85)
+    picture = imaging.heat_overlay(image, amap, vmin=0.0, vmax=1.0, alpha=overlay.HEAT_ALPHA)
+    return imaging.encode_jpeg(overlay.stamp_random(picture) if overlay.is_random(score.model_fingerprint)
+                               else picture, quality=85)
 
 
 class CameraStore:

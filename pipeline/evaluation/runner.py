@@ -132,7 +132,10 @@ def evaluate(engine: AnomalyEngine, items: list[EvalItem], product_class: str, o
         "pretrained": engine.settings.pretrained,
         "precision": engine.precision.name,
         "k_shot": engine.k_shot(product_class),
+        "model_fingerprint": engine.fingerprint,
     }
+    if is_random(engine.fingerprint):
+        metrics["warning"] = "RANDOM WEIGHTS: made with a randomly initialised model; these figures mean nothing"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 

@@ -17,6 +17,8 @@ from schemas.scores import ScoreMessage
 SCORE_COLUMNS = ("camera_id", "seq", "capture_ts", "image_score", "map_max", "method", "model_fingerprint",
                  "latency_ms")
 
+RANDOM_NOTE = "RANDOM WEIGHTS: scored by a randomly initialised model; scores and events mean nothing"
+
 # (camera id, seq) -> the frame's JPEG bytes when the input can still provide it.
 FrameLookup = Callable[[str, int], bytes | None]
 
@@ -50,6 +52,8 @@ def write_report(out_dir: Path, summary: RunSummary, scores: list[ScoreMessage],
                  frame_lookup: FrameLookup | None = None) -> Path:
     """Write the report folder; returns the path of report.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if any(is_random(s.model_fingerprint) for s in scores) and RANDOM_NOTE not in summary.notes:
+        summary.notes.insert(0, RANDOM_NOTE)
     ordered = sorted(scores, key=lambda s: (s.frame.capture_ts, s.frame.camera_id, s.frame.seq))
     with (out_dir / "scores.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
