@@ -170,6 +170,16 @@ class CameraConfig(BaseModel):
     # Overrides the product class's threshold for this camera (the API can change it live).
     threshold: float | None = None
 
+    @field_validator("ignore_regions")
+    @classmethod
+    def _polygons(cls, value: list[list[tuple[float, float]]]) -> list[list[tuple[float, float]]]:
+        for i, poly in enumerate(value):
+            if len(poly) < 3:
+                raise ValueError(f"ignore region {i} has {len(poly)} points; a polygon needs at least 3")
+            if any(not (0.0 <= c <= 1.0) for point in poly for c in point):
+                raise ValueError(f"ignore region {i}: coordinates are fractions of the frame, 0..1")
+        return value
+
 
 class ReferenceSettings(BaseModel):
     """Versioned normal reference sets in Redis (``linewatch references``, false-alarm teaching)."""
