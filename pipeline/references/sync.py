@@ -35,6 +35,7 @@ class ReferenceSync:
         self._checked = float("-inf")
         self._warned = False
         self._loaded: dict[str, str] = {}
+        self._retry: set[str] = set()  # classes whose load failed: tried again at the next poll
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferenceSync | None:
@@ -61,7 +62,8 @@ class ReferenceSync:
             return set()
         self._warned = False
         old, self._table = self._table or {}, table
-        return {c for c in set(old) | set(table) if old.get(c) != table.get(c)}
+        retry, self._retry = self._retry, set()
+        return retry | {c for c in set(old) | set(table) if old.get(c) != table.get(c)}
 
     def load(self, engine: AnomalyEngine, product_class: str) -> str | None:
         """Install the class's current version; returns its tag, or None when the class has none.
@@ -82,6 +84,7 @@ class ReferenceSync:
             install(engine, self.store, ref, self.max_patches)
         except (RedisError, LookupError, ValueError) as exc:
             kept = self._loaded.get(product_class)
+            self._retry.add(product_class)
             log.warning("reference_load_failed", product_class=product_class, version=version, error=repr(exc),
                         keeping=kept)
             return kept
