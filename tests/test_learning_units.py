@@ -113,3 +113,34 @@ def test_alert_stage_applies_camera_threshold_and_ignore_regions_live(redis_clie
     tuning.update("cam-2", threshold=0.6)  # lowered live, from the next batch on
     opened = stage.process([_score("cam-2", 2, 0.9, hot)])
     assert len(opened) == 1 and opened[0].threshold == pytest.approx(0.6)
+
+
+def test_reference_features_round_trip_for_both_methods() -> None:
+    """Memory as arrays (what Redis keeps) installs the same memory as set_references, for WinCLIP and ALFA."""
+    from tests.streaming_helpers import small_engine
+
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 255, (64, 96, 3), dtype=np.uint8) for _ in range(3)]
+    for method in ("winclip", "alfa"):
+        engine = small_engine(method)
+        engine.set_references("c", frames[:2])
+        direct = [r.image_score for r in engine.score(frames, "c")]
+        arrays = engine.reference_features(frames[:2], chunk=1)
+        assert arrays["patches"].shape[0] == 2 * engine.backbone.n_patches
+        engine.set_reference_features("c", subsample_memory(arrays, 10_000), k_shot=2)
+        via_arrays = [r.image_score for r in engine.score(frames, "c")]
+        assert via_arrays == pytest.approx(direct, abs=1e-5), method
+        assert engine.prompt_version("c")
+        engine.clear_references("c")
+        assert engine.k_shot("c") == 0
+
+
+def test_reference_sync_keeps_memory_and_retries_when_redis_fails() -> None:
+    from pipeline.redis_store import connect
+
+    dead = connect(RedisSettings(url="redis://127.0.0.1:1/0", socket_timeout_s=0.2))
+    sync = ReferenceSync(ReferenceStore(dead, "x"), max_patches=10, poll_s=0.0)
+    assert sync.changed() == set()  # unreachable: nothing changes, nothing raises
+    sync._table = {"bolt": 3}  # as if polled before Redis went away
+    assert sync.load(None, "bolt") is None  # type: ignore[arg-type]  # nothing was installed: nothing kept
+    assert "bolt" in sync._retry
