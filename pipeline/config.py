@@ -222,6 +222,29 @@ class CameraConfig(Section):
     source: str
     fps: float | None = Field(default=None, gt=0)
     loop: bool = False
+    # Areas never alarmed on (fixtures, serial numbers): polygons of [x, y] in 0..1 of the frame size.
+    ignore_regions: list[list[tuple[float, float]]] = []
+    # Overrides the product class's threshold for this camera (the API can change it live).
+    threshold: float | None = None
+
+    @field_validator("ignore_regions")
+    @classmethod
+    def _polygons(cls, value: list[list[tuple[float, float]]]) -> list[list[tuple[float, float]]]:
+        for i, poly in enumerate(value):
+            if len(poly) < 3:
+                raise ValueError(f"ignore region {i} has {len(poly)} points; a polygon needs at least 3")
+            if any(not (0.0 <= c <= 1.0) for point in poly for c in point):
+                raise ValueError(f"ignore region {i}: coordinates are fractions of the frame, 0..1")
+        return value
+
+
+class ReferenceSettings(BaseModel):
+    """Versioned normal reference sets in Redis (``linewatch references``, false-alarm teaching)."""
+
+    # Most memory rows per bank (patches, and each WinCLIP window scale) after greedy coreset.
+    max_patches: int = Field(default=4096, ge=16)
+    # How often a scorer checks whether a class's reference version changed (one Redis read).
+    poll_s: float = Field(default=1.0, gt=0)
 
 
 class MetricsSettings(Section):
@@ -244,6 +267,7 @@ class Settings(BaseSettings):
     deliver: DeliverSettings = DeliverSettings()
     api: ApiSettings = ApiSettings()
     metrics: MetricsSettings = MetricsSettings()
+    references: ReferenceSettings = ReferenceSettings()
     cameras: list[CameraConfig] = []
     log_level: str = "info"
 

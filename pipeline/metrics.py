@@ -57,6 +57,8 @@ END_TO_END_SECONDS = Histogram(
 CONSUMER_LAG = Gauge("linewatch_consumer_lag", "Records behind the partition end", ["group", "topic", "partition"])
 PROMPT_CACHE = Counter("linewatch_prompt_cache_total", "Prompt cache lookups", ["tier", "outcome"])
 EVENTS_OPENED = Counter("linewatch_events_opened_total", "Defect events opened", ["camera", "product_class"])
+EVENT_LABELS = Counter("linewatch_event_labels_total", "Operator labels on defect events (false-alarm rate: "
+                       "false_alarm / events opened)", ["camera", "product_class", "label"])
 DLQ_RECORDS = Counter("linewatch_dlq_total", "Records sent to the dead-letter topic", ["stage", "reason"])
 RUNTIME_RECORDS = Counter("linewatch_stream_records_total", "Records by outcome in the stream runtime",
                           ["worker", "outcome"])

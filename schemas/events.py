@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.binary import Binary
+from schemas.scores import FrameSource, Provenance
 
 
 class Region(BaseModel):
@@ -43,6 +44,14 @@ class DefectEvent(BaseModel):
     mask_png: Binary
     thumbnail_jpeg: Binary
     replay_session: str | None = None
+    # Where the peak frame lies in the frames topic (while retained) and what scored it.
+    peak_source: FrameSource | None = None
+    provenance: Provenance | None = None
+    # The peak frame's anomaly map (uint8 PNG at scoring.map_size; min/max restore the scale),
+    # for heat views at any resolution.
+    peak_map_png: Binary | None = None
+    peak_map_min: float | None = None
+    peak_map_max: float | None = None
 
     @staticmethod
     def make_id(camera_id: str, first_seq: int, replay_session: str | None = None) -> str:

@@ -8,6 +8,28 @@ from schemas.binary import Binary
 from schemas.frames import FrameRef
 
 
+class FrameSource(BaseModel):
+    """Where the scored frame lies in Kafka, so a later step (a false alarm teaching) can fetch it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class Provenance(BaseModel):
+    """What produced a score, so a change in behaviour can be traced to a change in the model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str | None = None
+    model_fingerprint: str | None = None
+    prompt_version: str | None = None
+    # "<class>:v<N>" of the reference set in Redis, "dir" for engine.shots_dir, None for zero-shot.
+    reference_version: str | None = None
+
+
 class ScoreMessage(BaseModel):
     """One scored frame; keyed by camera id on the scores topic so a camera stays in order.
 
@@ -28,6 +50,10 @@ class ScoreMessage(BaseModel):
     method: str
     latency_ms: float = Field(ge=0, description="capture (replays: publication) to score, milliseconds")
     scored_ts: float
+    # Added by the learning loop (issue 13); absent in older messages.
+    source: FrameSource | None = None
+    prompt_version: str | None = None
+    reference_version: str | None = None
 
 
 class DeadLetter(BaseModel):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.alerting.stage import AlertStage
 from pipeline.alerting.state_store import CameraStateStore
+from pipeline.camera_tuning import CameraTuningStore
 from pipeline.config import Settings
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
@@ -48,7 +49,8 @@ def run_alert(
         watch_dependencies(health, settings)
     client = connect(settings.redis)
     stage = AlertStage(settings.alert, ThresholdStore(client, settings.redis.key_prefix),
-                       CameraStateStore(client, settings.redis.key_prefix, settings.alert.state_ttl_s))
+                       CameraStateStore(client, settings.redis.key_prefix, settings.alert.state_ttl_s),
+                       cameras=settings.cameras, tuning=CameraTuningStore(client, settings.redis.key_prefix))
     config = RuntimeConfig(name="alert", group_id=settings.alert.group_id, topics=("scores",),
                            output_topics=("defects",), max_batch=max_records, poll_timeout_ms=poll_timeout_ms,
                            idle_exit_s=idle_exit_s)

@@ -45,6 +45,9 @@ class FrameSnapshot:
     map_min: float
     map_max: float
     thumbnail_jpeg: bytes
+    # Where the frame lies in Kafka and what scored it (JSON dicts; None in states saved before).
+    source: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
 
     @classmethod
     def from_score(cls, score: ScoreMessage, threshold: float) -> FrameSnapshot:
@@ -53,6 +56,9 @@ class FrameSnapshot:
             seq=f.seq, capture_ts=f.capture_ts, score=score.image_score, threshold=threshold,
             width=f.width, height=f.height, map_png=bytes(score.anomaly_map_png),
             map_min=score.map_min, map_max=score.map_max, thumbnail_jpeg=bytes(score.thumbnail_jpeg),
+            source=score.source.model_dump() if score.source is not None else None,
+            provenance={"method": score.method, "model_fingerprint": score.model_fingerprint,
+                        "prompt_version": score.prompt_version, "reference_version": score.reference_version},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +67,7 @@ class FrameSnapshot:
             "threshold": self.threshold, "width": self.width, "height": self.height,
             "map_png": _b64(self.map_png), "map_min": self.map_min, "map_max": self.map_max,
             "thumbnail_jpeg": _b64(self.thumbnail_jpeg),
+            "source": self.source, "provenance": self.provenance,
         }
 
     @classmethod
@@ -70,6 +77,7 @@ class FrameSnapshot:
             threshold=float(d["threshold"]), width=int(d["width"]), height=int(d["height"]),
             map_png=_unb64(d["map_png"]), map_min=float(d["map_min"]), map_max=float(d["map_max"]),
             thumbnail_jpeg=_unb64(d["thumbnail_jpeg"]),
+            source=d.get("source"), provenance=d.get("provenance"),
         )
 
 

@@ -19,16 +19,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from pipeline import imaging
 from pipeline.alerting.debounce import CameraState, Transition, is_redelivery, step, tick
 from pipeline.alerting.render import build_event
 from pipeline.alerting.state_store import StateKey, StateStore, Thresholds
-from pipeline.config import AlertSettings
+from pipeline.camera_tuning import CameraTuningStore, apply_ignore, effective
+from pipeline.config import AlertSettings, CameraConfig
 from pipeline.logging import get_logger
 from pipeline.metrics import CAMERA_LABEL, CLASS_LABEL, EVENTS_OPENED
+from pipeline.overlay import is_random, stamp_random
 from pipeline.runtime.envelope import Output, Record, StageResult
 from pipeline.runtime.loop import Stage
 from schemas.events import DefectEvent
-from schemas.scores import ScoreMessage
+from schemas.scores import FrameSource, Provenance, ScoreMessage
 
 log = get_logger(__name__)
 
@@ -54,8 +57,13 @@ class AlertStage(Stage):
         state_store: StateStore,
         clock: Callable[[], float] = time.time,
         idle_evict_s: float | None = 3600.0,
+        cameras: Sequence[CameraConfig] = (),
+        tuning: CameraTuningStore | None = None,
     ) -> None:
         self._settings = settings
+        # Per-camera threshold overrides and ignore regions: configuration, then live overrides.
+        self._cameras = {c.id: c for c in cameras}
+        self._tuning = tuning
         self._thresholds = thresholds
         self._store = state_store
         self._clock = clock
@@ -85,6 +93,7 @@ class AlertStage(Stage):
         self._load([score_key(s) for s in scores])
         # One HGETALL per batch: a freshly calibrated threshold applies from the next batch on.
         table = self._thresholds.all()
+        tuning = self._tuning.all() if self._tuning is not None else {}
         events: list[DefectEvent] = []
         for score in scores:
             key = score_key(score)
@@ -95,7 +104,11 @@ class AlertStage(Stage):
             if state.last_seq is not None and score.frame.seq < state.last_seq:
                 log.warning("alert_seq_restarted", camera=score.frame.camera_id, session=score.frame.replay_session,
                             seq=score.frame.seq, last_seq=state.last_seq)
-            threshold = self.threshold_for(score.frame.product_class, table)
+            camera_threshold, ignore = effective(self._cameras.get(score.frame.camera_id),
+                                                 tuning.get(score.frame.camera_id))
+            score = apply_ignore(score, ignore)
+            threshold = (camera_threshold if camera_threshold is not None
+                         else self.threshold_for(score.frame.product_class, table))
             transitions = step(state, score, threshold, self._settings, received_at=now)
             self._dirty.add(key)
             events.extend(self._emit(t) for t in transitions)
@@ -223,6 +236,14 @@ class AlertStage(Stage):
         ev = transition.event
         status = "open" if transition.kind == "open" else "closed"
         event = build_event(ev, status, self._settings.min_region_area)
+        if ev.peak.source is not None:
+            event.peak_source = FrameSource.model_validate(ev.peak.source)
+        event.peak_map_png, event.peak_map_min, event.peak_map_max = ev.peak.map_png, ev.peak.map_min, ev.peak.map_max
+        if ev.peak.provenance is not None:
+            event.provenance = Provenance.model_validate(ev.peak.provenance)
+            if is_random(event.provenance.model_fingerprint):  # the picture says so on itself
+                thumb = imaging.decode_image(event.thumbnail_jpeg)
+                event.thumbnail_jpeg = imaging.encode_jpeg(stamp_random(thumb), quality=85)
         bound = log.bind(camera=ev.camera_id, event_id=ev.event_id, session=ev.replay_session)
         if status == "open":
             EVENTS_OPENED.labels(camera=CAMERA_LABEL(ev.camera_id), product_class=CLASS_LABEL(ev.product_class)).inc()

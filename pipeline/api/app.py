@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from pipeline.api.ingest import Ingest
 from pipeline.api.routes_cameras import cameras_router
+from pipeline.api.routes_learning import learning_router
 from pipeline.api.store import (
     ALL_SESSIONS,
     EVENT_ID_PATTERN,
@@ -331,6 +332,7 @@ def create_app(settings: Settings, ingest: Ingest | None = None, heartbeat_s: fl
                 "meta": ctx.thresholds.meta(product_class)}
 
     api.include_router(cameras_router(settings, ctx.client))  # /cameras/registry: pipeline/api/routes_cameras.py
+    api.include_router(learning_router(ctx))
     app.include_router(api)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

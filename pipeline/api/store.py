@@ -5,9 +5,12 @@ Keys (``p`` is ``redis.key_prefix``):
     p:api:event:<id>          str   event JSON without binaries (see ``event_summary``)
     p:api:event:<id>:mask     str   mask PNG
     p:api:event:<id>:thumb    str   thumbnail JPEG
+    p:api:event:<id>:label    str   the operator's label JSON (``schemas.labels.Label``), merged into reads
     p:api:cameras             hash  camera id -> latest score summary JSON
     p:api:cameras:seen        zset  camera id, scored by its last update (pruning silent cameras)
     p:api:camera:<id>:jpeg    str   latest thumbnail with the heat overlay of its anomaly map (expires)
+    p:api:camera:<id>:timeline list score points {ts, score, seq, replay}, newest last, bounded
+    p:api:event:<id>:map      str   the peak frame's quantised anomaly map PNG (heat views)
     p:events:live             pub/sub channel: event summaries, fanned out to every replica's SSE clients
 """
 
@@ -27,7 +30,7 @@ from typing import Any
 import redis
 from redis.exceptions import RedisError
 
-from pipeline import imaging
+from pipeline import imaging, overlay
 from pipeline.alerting.render import event_overlay
 from pipeline.config import ApiSettings
 from pipeline.logging import get_logger
@@ -40,10 +43,12 @@ log = get_logger(__name__)
 ALL_SESSIONS = "*"
 # Ids become parts of Redis keys and URLs: no separators, bounded length.
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
-BINARY_FIELDS = ("mask_png", "thumbnail_jpeg")
+BINARY_FIELDS = ("mask_png", "thumbnail_jpeg", "peak_map_png")
 # A replayed frame does not replace a live camera's frame younger than this (replays of a camera
 # that is also live would otherwise make its tile flicker between the two).
 LIVE_PRECEDENCE_S = 60.0
+# Score timeline points kept per camera (one per rendered frame, about one a second: ~10 minutes).
+TIMELINE_POINTS = 600
 
 
 def event_summary(event: DefectEvent) -> dict[str, Any]:
@@ -66,10 +71,16 @@ class EventQuery:
     limit: int = 50
     # A ``next`` cursor from a previous page, or epoch seconds (events that started strictly before).
     before: str | None = None
+    # "confirmed", "false_alarm", "none" (unlabelled) or None (any).
+    label: str | None = None
 
     def matches(self, data: dict[str, Any]) -> bool:
         if self.session != ALL_SESSIONS and data.get("replay_session") != self.session:
             return False
+        if self.label is not None:
+            given = (data.get("label") or {}).get("label")
+            if given != (None if self.label == "none" else self.label):
+                return False
         wanted = {"camera_id": self.camera, "line_id": self.line, "product_class": self.product_class,
                   "status": self.status}
         return all(value is None or data.get(field) == value for field, value in wanted.items())
@@ -127,6 +138,8 @@ class EventStore:
             pipe.set(key, text)
             pipe.set(self._key(event.event_id, ":mask"), event.mask_png)
             pipe.set(self._key(event.event_id, ":thumb"), event.thumbnail_jpeg)
+            if event.peak_map_png is not None:
+                pipe.set(self._key(event.event_id, ":map"), event.peak_map_png)
             pipe.zadd(self._index, {event.event_id: event.first_ts})
             return True
 
@@ -141,13 +154,28 @@ class EventStore:
             return
         # ZPOPMIN is atomic, so replicas trimming at once never drop more than the excess.
         popped = self._client.zpopmin(self._index, excess)
-        keys = [self._key(eid, suffix) for eid, _ in popped for suffix in ("", ":mask", ":thumb")]
+        keys = [self._key(eid, suffix) for eid, _ in popped for suffix in ("", ":mask", ":thumb", ":label", ":map")]
         if keys:
             self._client.delete(*keys)
 
     # -- reads ---------------------------------------------------------------------------------
     def get(self, event_id: str) -> dict[str, Any] | None:
-        raw = self._client.get(self._key(event_id))
+        raw, label = self._client.mget([self._key(event_id), self._key(event_id, ":label")])
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        data["label"] = json.loads(label) if label is not None else None
+        return data
+
+    def set_label(self, event_id: str, label: dict[str, Any]) -> bool:
+        """Keep a label with the event (replacing an earlier one); False when the event is unknown."""
+        if not self._client.exists(self._key(event_id)):
+            return False
+        self._client.set(self._key(event_id, ":label"), json.dumps(label))
+        return True
+
+    def label(self, event_id: str) -> dict[str, Any] | None:
+        raw = self._client.get(self._key(event_id, ":label"))
         return json.loads(raw) if raw is not None else None
 
     def mask(self, event_id: str) -> bytes | None:
@@ -160,12 +188,14 @@ class EventStore:
 
     def event(self, event_id: str) -> DefectEvent | None:
         """The whole event with its binaries (for rendering), or None."""
-        summary, mask, thumb = self._client.mget(
-            [self._key(event_id), self._key(event_id, ":mask"), self._key(event_id, ":thumb")])
+        summary, mask, thumb, amap = self._client.mget(
+            [self._key(event_id), self._key(event_id, ":mask"), self._key(event_id, ":thumb"),
+             self._key(event_id, ":map")])
         if summary is None or mask is None or thumb is None:
             return None
-        data = {k: v for k, v in json.loads(summary).items() if k != "links"}
-        return DefectEvent.model_validate({**data, "mask_png": bytes(mask), "thumbnail_jpeg": bytes(thumb)})
+        data = {k: v for k, v in json.loads(summary).items() if k not in ("links", "label")}
+        return DefectEvent.model_validate({**data, "mask_png": bytes(mask), "thumbnail_jpeg": bytes(thumb),
+                                           "peak_map_png": bytes(amap) if amap is not None else None})
 
     def count(self) -> int:
         return int(self._client.zcard(self._index))
@@ -176,10 +206,12 @@ class EventStore:
         found: list[dict[str, Any]] = []
         for ids in self._scan(ts, event_id):
             raws = self._client.mget([self._key(eid) for eid in ids])
-            for raw in raws:
+            labels = self._client.mget([self._key(eid, ":label") for eid in ids])
+            for raw, label in zip(raws, labels, strict=True):
                 if raw is None:  # trimmed since the index was read
                     continue
                 data = json.loads(raw)
+                data["label"] = json.loads(label) if label is not None else None
                 if q.matches(data):
                     found.append(data)
                     if len(found) > q.limit:
@@ -227,7 +259,9 @@ def render_latest(score: ScoreMessage) -> bytes:
     """
     image = imaging.decode_image(score.thumbnail_jpeg)
     amap = imaging.dequantize_map(score.anomaly_map_png, score.map_min, score.map_max, image.shape[:2])
-    return imaging.encode_jpeg(imaging.heat_overlay(image, amap, vmin=0.0, vmax=1.0), quality=85)
+    picture = imaging.heat_overlay(image, amap, vmin=0.0, vmax=1.0, alpha=overlay.HEAT_ALPHA)
+    return imaging.encode_jpeg(overlay.stamp_random(picture) if overlay.is_random(score.model_fingerprint)
+                               else picture, quality=85)
 
 
 class CameraStore:
@@ -268,12 +302,19 @@ class CameraStore:
         record = {"camera_id": frame.camera_id, "line_id": frame.line_id, "product_class": frame.product_class,
                   "seq": frame.seq, "capture_ts": frame.capture_ts, "width": frame.width, "height": frame.height,
                   "image_score": score.image_score, "method": score.method, "scored_ts": score.scored_ts,
+                  "model_fingerprint": score.model_fingerprint, "reference_version": score.reference_version,
                   "replay_session": frame.replay_session, "updated_ts": now,
                   "latest_url": f"/api/v1/cameras/{frame.camera_id}/latest.jpg"}
         pipe = self._client.pipeline(transaction=True)  # the picture and its caption change together
         pipe.hset(self._key, frame.camera_id, json.dumps(record))
         pipe.set(self._jpeg_key(frame.camera_id), jpeg, px=int(self.ttl_s * 1000))
         pipe.zadd(self._seen_key, {frame.camera_id: now})
+        # The score timeline (one point per rendered frame, the newest TIMELINE_POINTS kept).
+        point = {"ts": frame.capture_ts, "score": score.image_score, "seq": frame.seq,
+                 "replay": frame.replay_session is not None}
+        pipe.rpush(self._timeline_key(frame.camera_id), json.dumps(point))
+        pipe.ltrim(self._timeline_key(frame.camera_id), -TIMELINE_POINTS, -1)
+        pipe.expire(self._timeline_key(frame.camera_id), int(self.ttl_s))
         pipe.execute()
         if now - self._pruned_at >= self._prune_every_s or int(self._client.zcard(self._seen_key)) > self.max_cameras:
             self.prune(now)
@@ -294,10 +335,17 @@ class CameraStore:
         pipe = self._client.pipeline(transaction=True)
         pipe.zrem(self._seen_key, *ids)
         pipe.hdel(self._key, *ids)
-        pipe.delete(*[self._jpeg_key(i) for i in ids])
+        pipe.delete(*[self._jpeg_key(i) for i in ids], *[self._timeline_key(i) for i in ids])
         pipe.execute()
         log.info("api_cameras_pruned", cameras=len(ids))
         return len(ids)
+
+    def _timeline_key(self, camera_id: str) -> str:
+        return f"{self._prefix}:api:camera:{camera_id}:timeline"
+
+    def timeline(self, camera_id: str, since: float | None = None) -> list[dict[str, Any]]:
+        points = [json.loads(raw) for raw in self._client.lrange(self._timeline_key(camera_id), 0, -1)]
+        return [p for p in points if since is None or p["ts"] >= since]
 
     def get(self, camera_id: str) -> dict[str, Any] | None:
         raw = self._client.hget(self._key, camera_id)

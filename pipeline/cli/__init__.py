@@ -19,7 +19,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, FileNotFoundError,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli import api_cmds, camera_cmds, delivery_cmds, engine_cmds, record_cmds, replay_cmds, stream_cmds
+    from pipeline.cli import (
+        api_cmds,
+        camera_cmds,
+        delivery_cmds,
+        engine_cmds,
+        learning_cmds,
+        record_cmds,
+        replay_cmds,
+        stream_cmds,
+    )
 
     parser = argparse.ArgumentParser(prog="linewatch", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (also LINEWATCH_CONFIG)")
@@ -32,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     delivery_cmds.register(sub)
     api_cmds.register(sub)
     camera_cmds.register(sub)
+    learning_cmds.register(sub)
     return parser
 
 

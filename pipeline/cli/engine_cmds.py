@@ -168,48 +168,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # -- calibrate -------------------------------------------------------------------------------
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from redis.exceptions import RedisError
+    from pipeline.cli.calibrate_cmds import cmd_calibrate as calibrate
 
-    from pipeline.alerting.calibrate import threshold_from_scores
-    from pipeline.engine.engine import list_images
-    from pipeline.redis_store import ThresholdStore, connect
-
-    settings = load_settings(args.config)
-    engine_cfg = engine_settings(args, settings)
-    if settings.redis.url is None:
-        raise CommandError("calibrate stores the threshold in Redis and none is configured: set "
-                           "LINEWATCH_REDIS__URL, or join a running `linewatch run` with the export lines it prints")
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise CommandError(f"not a folder: {folder}")
-    paths = list_images(folder)
-    if not paths:
-        raise CommandError(f"no images in {folder}")
-    check_images(paths)
-    client = connect(settings.redis)
-    try:
-        client.ping()  # an unreachable Redis should fail before minutes of scoring, not after
-    except RedisError as exc:
-        raise CommandError(f"cannot reach Redis at {settings.redis.url}: {exc}") from None
-    engine = build_engine(engine_cfg, settings)
-    if engine_cfg.shots_dir is not None:
-        engine.load_references(args.product_class, engine_cfg.shots_dir, engine_cfg.k_shot)
-    scores = [r.image_score for _, r in score_paths(engine, paths, args.product_class, args.batch_size)]
-    threshold = threshold_from_scores(scores, args.quantile, args.margin)
-    meta = {"quantile": args.quantile, "margin": args.margin, "n_images": len(paths), "images": str(folder),
-            "method": engine.method, "backbone": engine_cfg.backbone, "pretrained": engine_cfg.pretrained,
-            "precision": engine.precision.name, "k_shot": engine.k_shot(args.product_class),
-            "fingerprint": engine.fingerprint}
-    try:
-        ThresholdStore(client, settings.redis.key_prefix).set(args.product_class, threshold, meta)
-    except RedisError as exc:
-        raise CommandError(f"could not store the threshold in Redis: {exc}") from None
-    sys.stdout.write(f"{args.product_class}: threshold {threshold:.6f} from {len(paths)} normal images "
-                     f"(quantile {args.quantile}, margin {args.margin})\n")
-    return 0
+    return calibrate(args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pipeline.cli.calibrate_cmds import add_calibrate_options
+
     p = sub.add_parser("score", help="score images to an .npz file; without images, run the scoring worker")
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--class", dest="product_class", default=None, help="product class, e.g. ball_screw")
@@ -229,9 +195,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_engine_options(p, references=False)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("calibrate", help="set a class threshold from normal images (stored in Redis)")
-    p.add_argument("--class", dest="product_class", required=True)
-    p.add_argument("--images", required=True, help="folder of known-good images")
+    p = sub.add_parser("calibrate", help="set a class (or camera) threshold from normal frames (stored in Redis)")
+    p.add_argument("--class", dest="product_class", default=None)
+    p.add_argument("--images", default=None, help="folder of known-good images")
+    add_calibrate_options(p)
     p.add_argument("--quantile", type=float, default=0.99)
     p.add_argument("--margin", type=float, default=0.0)
     p.add_argument("--batch-size", type=_positive, default=8)

@@ -10,7 +10,7 @@ from schemas.events import DefectEvent
 from schemas.subscriptions import Notification
 
 Media = Literal["base64", "url", "none"]
-MEDIA_FIELDS = ("mask_png", "thumbnail_jpeg")
+MEDIA_FIELDS = ("mask_png", "thumbnail_jpeg", "peak_map_png")
 
 
 def event_media(event: dict[str, Any], media: Media, base_url: str | None) -> dict[str, Any]:

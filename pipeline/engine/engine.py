@@ -81,6 +81,7 @@ class AnomalyEngine:
         self.alfa = Alfa(backbone, image_backbone=image_backbone)
         self._references: dict[str, ReferenceMemory | torch.Tensor] = {}
         self._text: dict[str, torch.Tensor | PromptPools] = {}
+        self._prompt_versions: dict[str, str] = {}
         self._lock = threading.Lock()
         log.info("engine_ready", method=self.method, backbone=settings.backbone, device=str(self.device),
                  precision=self.precision.name, fingerprint=self.fingerprint)
@@ -96,9 +97,11 @@ class AnomalyEngine:
             bundle = self.cache.get_or_compute(
                 key, lambda: {"prototypes": self.winclip.text_prototypes(name).cpu().numpy()})
             value: torch.Tensor | PromptPools = torch.from_numpy(bundle["prototypes"].copy()).to(self.device)
+            self._prompt_versions[product_class] = WINCLIP_PROMPT_VERSION
         else:
             prompts = build_prompt_set(name, self.llm, self.settings.cache_dir)
             key = cache_key(product_class, "alfa", prompts.version, self.fingerprint)
+            self._prompt_versions[product_class] = prompts.version
 
             def compute() -> dict[str, np.ndarray]:
                 pools = self.alfa.text_pools(prompts)
@@ -149,6 +152,48 @@ class AnomalyEngine:
         """Drop a class's text embeddings and references (the caller bounds how many classes stay)."""
         self._text.pop(product_class, None)
         self._references.pop(product_class, None)
+
+    # -- reference sets as plain arrays (versioned in Redis by pipeline.references) ----------
+    def reference_features(self, frames: Sequence[np.ndarray], chunk: int = 8) -> dict[str, np.ndarray]:
+        """Memory features of normal frames as float32 arrays: ``patches`` (n*P, C), and for WinCLIP
+        ``windows_<i>`` per window scale (n*W_i, D). Chunked so N frames never make one huge forward."""
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(frames), chunk):
+            batch = self._prepare(frames[start:start + chunk])
+            with self._lock, self._autocast(), torch.inference_mode():
+                if self.method == "winclip":
+                    mem = self.winclip.reference_memory(batch)
+                    arrays = {"patches": mem.patches}
+                    arrays.update({f"windows_{i}": w for i, w in enumerate(mem.windows)})
+                else:
+                    arrays = {"patches": self.alfa.reference_memory(batch)}
+            parts.append({k: v.float().cpu().numpy() for k, v in arrays.items()})
+        if not parts:
+            raise ValueError("no frames to compute reference features from")
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def set_reference_features(self, product_class: str, arrays: dict[str, np.ndarray], k_shot: int) -> None:
+        """Install a memory made by ``reference_features`` (possibly coreset-subsampled)."""
+        patches = torch.from_numpy(np.ascontiguousarray(arrays["patches"])).to(self.device)
+        if self.method == "winclip":
+            n_scales = len(self.winclip.scales)
+            windows = [torch.from_numpy(np.ascontiguousarray(arrays[f"windows_{i}"])).to(self.device)
+                       for i in range(n_scales)]
+            memory: ReferenceMemory | torch.Tensor = ReferenceMemory(patches=patches, windows=windows, k_shot=k_shot)
+        else:
+            memory = patches.float()
+        with self._lock:
+            self._references[product_class] = memory
+        log.info("references_set", product_class=product_class, k_shot=k_shot, patches=int(patches.shape[0]))
+
+    def clear_references(self, product_class: str) -> None:
+        """Back to zero-shot for the class."""
+        with self._lock:
+            self._references.pop(product_class, None)
+
+    def prompt_version(self, product_class: str) -> str | None:
+        """Version of the prompt set the class's text embeddings were made from (None before first use)."""
+        return self._prompt_versions.get(product_class)
 
     def k_shot(self, product_class: str) -> int:
         mem = self._references.get(product_class)

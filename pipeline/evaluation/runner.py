@@ -14,8 +14,9 @@ from tqdm import tqdm
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.evaluation.metrics import aupro, auroc, f1_max
 from pipeline.evaluation.mvtec import EvalItem
-from pipeline.imaging import encode_png, heat_overlay, read_image
+from pipeline.imaging import encode_png, read_image
 from pipeline.logging import get_logger
+from pipeline.overlay import heat_view, is_random
 
 log = get_logger(__name__)
 
@@ -43,9 +44,11 @@ def read_mask(item: EvalItem, shape: tuple[int, int]) -> np.ndarray:
     return (mask > 127).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """RGB (H, W, 3) image with the heat map (H', W') blended in and the mask (H, W) outlined in white."""
-    out = heat_overlay(image, anomaly_map, vmin, vmax)
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, vmin: float, vmax: float,
+            random_weights: bool = False) -> np.ndarray:
+    """RGB (H, W, 3) image with the heat map (H', W') in linewatch's overlay style (legend, and a banner
+    when the weights are random) and the ground-truth mask (H, W) outlined in white."""
+    out = heat_view(image, anomaly_map, vmin, vmax, legend=True, random_weights=random_weights)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, (255, 255, 255), 2)
     return out
@@ -140,11 +143,11 @@ def evaluate(engine: AnomalyEngine, items: list[EvalItem], product_class: str, o
         "pretrained": engine.settings.pretrained,
         "precision": engine.precision.name,
         "k_shot": engine.k_shot(product_class),
+        "model_fingerprint": engine.fingerprint,
         "n_overlays": len(kept),
     }
-    random_weights = engine.settings.pretrained == "random"
-    if random_weights:
-        metrics["warning"] = "random weights (engine.pretrained: random): these metrics and overlays mean nothing"
+    if is_random(engine.fingerprint):
+        metrics["warning"] = "RANDOM WEIGHTS: made with a randomly initialised model; these figures mean nothing"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
@@ -155,9 +158,7 @@ def evaluate(engine: AnomalyEngine, items: list[EvalItem], product_class: str, o
     overlay_dir.mkdir(exist_ok=True)
     used: set[str] = set()
     for item, image, amap, mask in kept:
-        picture = overlay(image, amap, mask, vmin, vmax)
-        if random_weights:
-            label_random(picture)
+        picture = overlay(image, amap, mask, vmin, vmax, random_weights=is_random(engine.fingerprint))
         # MVTec reuses file names across defect folders (000.png); the defect prefix keeps both.
         name = item.path.stem if item.path.stem not in used else f"{item.defect}_{item.path.stem}"
         used.add(name)

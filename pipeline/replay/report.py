@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import imaging
-from pipeline.alerting.render import event_overlay
+from pipeline.overlay import is_random, outline_view
 from schemas.events import DefectEvent
 from schemas.scores import ScoreMessage
 
 SCORE_COLUMNS = ("camera_id", "seq", "capture_ts", "image_score", "map_max", "method", "model_fingerprint",
                  "latency_ms")
+
+RANDOM_NOTE = "RANDOM WEIGHTS: scored by a randomly initialised model; scores and events mean nothing"
 
 # (camera id, seq) -> the frame's JPEG bytes when the input can still provide it.
 FrameLookup = Callable[[str, int], bytes | None]
@@ -50,6 +52,8 @@ def write_report(out_dir: Path, summary: RunSummary, scores: list[ScoreMessage],
                  frame_lookup: FrameLookup | None = None) -> Path:
     """Write the report folder; returns the path of report.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if any(is_random(s.model_fingerprint) for s in scores) and RANDOM_NOTE not in summary.notes:
+        summary.notes.insert(0, RANDOM_NOTE)
     ordered = sorted(scores, key=lambda s: (s.frame.capture_ts, s.frame.camera_id, s.frame.seq))
     with (out_dir / "scores.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -63,7 +67,7 @@ def write_report(out_dir: Path, summary: RunSummary, scores: list[ScoreMessage],
     for ev in sorted(events, key=lambda e: (e.first_ts, e.camera_id)):
         image_path = events_dir / f"{ev.event_id}.jpg"
         image_path.write_bytes(_overlay_jpeg(ev, frame_lookup))
-        rows.append({**ev.model_dump(mode="json", exclude={"mask_png", "thumbnail_jpeg"}),
+        rows.append({**ev.model_dump(mode="json", exclude={"mask_png", "thumbnail_jpeg", "peak_map_png"}),
                      "overlay": str(image_path.relative_to(out_dir))})
     report = {**asdict(summary), "events": rows}
     path = out_dir / "report.json"
@@ -75,4 +79,8 @@ def _overlay_jpeg(event: DefectEvent, frame_lookup: FrameLookup | None) -> bytes
     """The peak frame at full resolution when available, else the event's thumbnail, with the mask."""
     data = frame_lookup(event.camera_id, event.peak_seq) if frame_lookup else None
     frame = imaging.decode_image(data) if data else imaging.decode_image(event.thumbnail_jpeg)
-    return imaging.encode_jpeg(event_overlay(frame, event), quality=88)
+    rnd = is_random(event.provenance.model_fingerprint if event.provenance else None)
+    # The dashboard's mask view, so a report and the dashboard show an event alike.
+    picture = outline_view(frame, imaging.decode_png(event.mask_png), event.regions, (event.width, event.height),
+                           random_weights=rnd)
+    return imaging.encode_jpeg(picture, quality=88)

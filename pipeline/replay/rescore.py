@@ -22,10 +22,12 @@ from tqdm import tqdm
 from pipeline.alerting.stage import AlertStage
 from pipeline.alerting.state_store import MemoryStateStore, MemoryThresholds
 from pipeline.bus import create_topics, make_consumer, topic_name
+from pipeline.camera_tuning import CameraTuningStore
 from pipeline.config import Settings
 from pipeline.engine.engine import AnomalyEngine
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
+from pipeline.references.sync import ReferenceSync
 from pipeline.replay.report import RunSummary, write_report
 from pipeline.runtime.envelope import Envelope, Record, StageResult
 from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
@@ -138,16 +140,17 @@ def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, 
         consumer.close()
     summary.notes.append("ranges: " + ", ".join(f"{r.partition}:{r.start}..{r.end}" for r in ranges))
     scoring = settings.scoring.model_copy(update={"staleness_s": None})  # old frames are the point
-    scoring_stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot)
+    # The current reference sets, camera thresholds and ignore regions, as live scoring uses them.
+    scoring_stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot,
+                                 references=ReferenceSync.from_settings(settings))
     thresholds: dict[str, float] = {}
-    if settings.redis.url:
-        client = connect(settings.redis)
-        try:
-            thresholds = dict(ThresholdStore(client, settings.redis.key_prefix).all())
-        finally:
-            client.close()
+    client = connect(settings.redis) if settings.redis.url else None
+    if client is not None:
+        thresholds = dict(ThresholdStore(client, settings.redis.key_prefix).all())
     # Alert state in memory only: nothing of a rescore reaches live alert state.
-    alerts = AlertStage(settings.alert, MemoryThresholds(thresholds), MemoryStateStore(), idle_evict_s=None)
+    alerts = AlertStage(settings.alert, MemoryThresholds(thresholds), MemoryStateStore(), idle_evict_s=None,
+                        cameras=settings.cameras,
+                        tuning=CameraTuningStore(client, settings.redis.key_prefix) if client is not None else None)
     total = sum(r.end - r.start for r in ranges if r.end is not None)
     bar = tqdm(total=total, unit="frame", desc=summary.session, disable=not progress, file=sys.stderr)
     stage = RescoreStage(scoring_stage, alerts, results_topic, summary, bar)
@@ -165,6 +168,8 @@ def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, 
             stage.events[ev.event_id] = ev
     finally:
         bar.close()
+        if client is not None:
+            client.close()
     if stop.is_set() and not runtime.ranges_done:
         summary.complete = False
         summary.notes.append("interrupted")

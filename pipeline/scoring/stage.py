@@ -42,11 +42,13 @@ from pipeline.metrics import (
     SCORING_SECONDS,
 )
 from pipeline.paths import PathEscapeError
+from pipeline.references.sync import ReferenceSync
 from pipeline.runtime.envelope import Envelope, Output, Record, Reject, Skip, StageResult
 from pipeline.runtime.loop import Stage
 from pipeline.scoring import checks
 from pipeline.scoring.checks import FrameCheckError, first_line
 from schemas import FrameHeader, ScoreMessage
+from schemas.scores import FrameSource
 
 log = get_logger(__name__)
 
@@ -85,7 +87,7 @@ def _partition(source: object) -> tuple[str, int] | None:
 class ScoringStage(Stage):
     def __init__(self, engine: AnomalyEngine, settings: ScoringSettings, shots_dir: Path | None = None,
                  k_shot: int = 0, clock: Callable[[], float] = time.time,
-                 defer_new_classes: bool = False) -> None:
+                 defer_new_classes: bool = False, references: ReferenceSync | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.shots_dir = shots_dir
@@ -105,6 +107,9 @@ class ScoringStage(Stage):
         self._lock = threading.Lock()
         # Next offsets processed per partition, kept until they could be committed whole.
         self._wanted: dict[tuple[str, int], tuple[Any, int]] = {}
+        # Versioned reference sets in Redis win over shots_dir; versions are followed live.
+        self.references = references
+        self.reference_versions: dict[str, str | None] = {}
 
     # -- validation ---------------------------------------------------------------------------
     def accept(self, value: bytes | None, headers: list[tuple[str, bytes]] | None, source: object,
@@ -166,11 +171,17 @@ class ScoringStage(Stage):
 
     def _prepare(self, product_class: str) -> None:
         started = time.perf_counter()
-        if self.shots_dir is not None:
+        version = self.references.load(self.engine, product_class) if self.references is not None else None
+        previous = self.reference_versions.get(product_class)
+        if version is None and previous is not None and previous != "dir":
+            self.engine.clear_references(product_class)  # its set was removed: back to shots_dir/zero-shot
+        if version is None and self.shots_dir is not None:
             try:
                 self.engine.load_references(product_class, self.shots_dir, self.k_shot)
+                version = "dir"
             except (FileNotFoundError, PathEscapeError) as exc:
                 log.warning("no_references_zero_shot", product_class=product_class, error=str(exc))
+        self.reference_versions[product_class] = version
         self.engine.prepare(product_class)
         log.info("class_prepared", product_class=product_class,
                  seconds=round(time.perf_counter() - started, 3))
@@ -249,6 +260,12 @@ class ScoringStage(Stage):
         Returns (frame, message) pairs and frames that failed; frames of a class still being
         prepared in the background are held and come back from a later call.
         """
+        if self.references is not None:
+            # A class whose reference version moved is prepared again before its frames are scored.
+            changed = self.references.changed()
+            with self._lock:
+                for product_class in changed:
+                    self._classes.pop(product_class, None)
         with self._lock:
             frames = [*self._held, *frames]
             self._held = []
@@ -299,7 +316,7 @@ class ScoringStage(Stage):
                 if r is None:
                     continue
                 try:
-                    done.append((f, self._message(f, r)))
+                    done.append((f, self._stamp(f, self._message(f, r))))
                 except Exception as exc:  # building the message (map, thumbnail) is per frame too
                     failed.append(Rejected(f"{checks.SCORING_FAILED}: {first_line(exc)}", f.source))
         return done, failed
@@ -344,6 +361,16 @@ class ScoringStage(Stage):
         BATCH_SIZE.observe(len(group))
         FRAMES_SCORED.labels(product_class=CLASS_LABEL(product_class), method=self.engine.method).inc(len(group))
         return list(results)
+
+    def _stamp(self, frame: Frame, msg: ScoreMessage) -> ScoreMessage:
+        """Where the frame lies in Kafka and which prompts and references scored it (traceability)."""
+        src = frame.source
+        topic, partition, offset = (getattr(src, a, None) for a in ("topic", "partition", "offset"))
+        if isinstance(topic, str) and isinstance(partition, int) and isinstance(offset, int):
+            msg.source = FrameSource(topic=topic, partition=partition, offset=offset)
+        msg.prompt_version = self.engine.prompt_version(frame.header.product_class)
+        msg.reference_version = self.reference_versions.get(frame.header.product_class)
+        return msg
 
     @staticmethod
     def _ingest_ts(frame: Frame) -> float:
