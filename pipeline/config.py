@@ -165,6 +165,17 @@ class CameraConfig(BaseModel):
     source: str
     fps: float | None = Field(default=None, gt=0)
     loop: bool = False
+    # Scoring in [rows, cols] tiles overlapping by a fraction of a tile, so small defects in large
+    # frames are not squeezed into one model input; maps are stitched back (max in overlaps).
+    tiles: tuple[int, int] = (1, 1)
+    tile_overlap: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("tiles")
+    @classmethod
+    def _tiles_positive(cls, tiles: tuple[int, int]) -> tuple[int, int]:
+        if min(tiles) < 1:
+            raise ValueError(f"tiles must be [rows, cols] of at least 1, got {list(tiles)}")
+        return tiles
 
 
 class MetricsSettings(BaseModel):

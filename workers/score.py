@@ -29,7 +29,7 @@ from pipeline.engine.engine import AnomalyEngine
 from pipeline.engine.prompt_cache import MemoryCache, PromptCache
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
-from pipeline.scoring.stage import Frame, Rejected, ScoringStage, Skipped
+from pipeline.scoring.stage import Frame, Rejected, ScoringStage, Skipped, tiles_by_camera
 
 log = get_logger(__name__)
 
@@ -89,7 +89,8 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
         engine = AnomalyEngine(settings.engine, settings.llm, cache=make_prompt_cache(settings))
     if model_loaded is not None:
         model_loaded.set()
-    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot)
+    stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot,
+                         tiles=tiles_by_camera(settings.cameras))
     try:
         # Output topics with the configured partitions; left to broker auto-creation they would get
         # the broker's default count (or not exist at all where auto-creation is off).

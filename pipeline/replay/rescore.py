@@ -26,7 +26,7 @@ from pipeline.engine.engine import AnomalyEngine
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
 from pipeline.replay.report import RunSummary, write_report
-from pipeline.scoring.stage import Frame, ScoringStage
+from pipeline.scoring.stage import Frame, ScoringStage, tiles_by_camera
 from schemas.events import DefectEvent
 from schemas.scores import ScoreMessage
 
@@ -100,7 +100,8 @@ def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, 
         ranges = plan_ranges(consumer, frames_topic, starts, ends)
         summary.notes.append("ranges: " + ", ".join(f"{r.partition}:{r.start}..{r.end}" for r in ranges))
         scoring = settings.scoring.model_copy(update={"staleness_s": None})  # old frames are the point
-        stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot)
+        stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot,
+                             tiles=tiles_by_camera(settings.cameras))
         client = connect(settings.redis)
         alerts = AlertStage(settings.alert, ThresholdStore(client, settings.redis.key_prefix),
                             CameraStateStore(client, f"{settings.redis.key_prefix}:rescore:{session}", STATE_TTL_S),
