@@ -229,10 +229,8 @@ class AnomalyEngine:
         """
         if not frames:
             return []
-        if tiles is None or isinstance(tiles, TileGrid):
-            grids = [tiles or UNTILED] * len(frames)
-        else:
-            grids = list(tiles)
+        one = tiles is None or isinstance(tiles, TileGrid)
+        grids = [tiles if isinstance(tiles, TileGrid) else UNTILED] * len(frames) if one else list(tiles)
         if len(grids) != len(frames):
             raise ValueError(f"{len(grids)} tile grids for {len(frames)} frames")
         sizes = [frame_size(f) for f in frames]
