@@ -25,7 +25,7 @@ from pipeline.engine.precision import Precision, resolve_precision
 from pipeline.engine.preprocess import Frame, preprocess
 from pipeline.engine.prompt_cache import NullCache, PromptCache, cache_key
 from pipeline.engine.prompting import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, object_name
-from pipeline.engine.scoring import gaussian_blur, upsample_maps
+from pipeline.engine.scoring import upsample_maps, upsample_smooth
 from pipeline.engine.tiling import UNTILED, TileGrid, TilePlan, plan_tiles, smoothing_sigma, stitch
 from pipeline.engine.weights import load_backbone
 from pipeline.engine.winclip import ReferenceMemory, WinClip
@@ -244,29 +244,32 @@ class AnomalyEngine:
                      ) -> tuple[list[np.ndarray], list[float]]:
         """Patch grids of every tile -> one smoothed map per frame at model resolution, on the host.
 
-        All on the engine's device; frames sharing a canvas and a blur are smoothed as one batch,
-        and only the model-resolution maps are copied to the host.
+        Upsampling and smoothing are two small matrix products per map (scoring.upsample_smooth),
+        on the engine's device; untiled frames sharing a blur go as one batch; only the
+        model-resolution maps are copied to the host.
         """
-        tile_maps = upsample_maps(grid, self.input_size)
-        canvases: list[torch.Tensor] = []
-        frame_scores: list[torch.Tensor] = []
-        start = 0
-        for plan in plans:
-            n = len(plan.crops)
-            canvases.append(stitch(tile_maps[start : start + n], plan))
-            frame_scores.append(scores[start : start + n].amax())
-            start += n
-        groups: dict[tuple[tuple[int, int], tuple[float, float]], list[int]] = {}
-        for i, plan in enumerate(plans):
-            sigma = smoothing_sigma(plan.frame_size, plan.canvas_size, ALFA_SIGMA_PX) if self.method == "alfa" \
-                else (0.0, 0.0)
-            groups.setdefault((plan.canvas_size, sigma), []).append(i)
+        def sigma_of(plan: TilePlan) -> tuple[float, float]:
+            if self.method != "alfa":
+                return 0.0, 0.0
+            return smoothing_sigma(plan.frame_size, plan.canvas_size, ALFA_SIGMA_PX)
+
         out: list[np.ndarray] = [np.empty(0, np.float32)] * len(plans)
-        for (_, sigma), members in groups.items():
-            stacked = torch.stack([canvases[i] for i in members])
-            if sigma != (0.0, 0.0):
-                stacked = gaussian_blur(stacked, sigma)
-            host = stacked.float().cpu().numpy()
-            for j, i in enumerate(members):
+        frame_scores: list[float] = []
+        host_scores = scores.float().cpu()
+        untiled: dict[tuple[float, float], list[tuple[int, int]]] = {}  # sharing a blur: one batch
+        start = 0
+        for i, plan in enumerate(plans):
+            n = len(plan.crops)
+            frame_scores.append(float(host_scores[start : start + n].max()))
+            if n == 1:
+                untiled.setdefault(sigma_of(plan), []).append((i, start))
+            else:
+                tiles = upsample_smooth(grid[start : start + n], self.input_size)
+                canvas = stitch(tiles, plan)
+                out[i] = upsample_smooth(canvas[None], plan.canvas_size, sigma_of(plan))[0].cpu().numpy()
+            start += n
+        for sigma, members in untiled.items():
+            host = upsample_smooth(grid[[s for _, s in members]], self.input_size, sigma).cpu().numpy()
+            for j, (i, _) in enumerate(members):
                 out[i] = host[j]
-        return out, torch.stack(frame_scores).cpu().tolist()
+        return out, frame_scores
