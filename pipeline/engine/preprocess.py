@@ -34,13 +34,12 @@ def _as_chw(frame: Frame) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(to_rgb(frame))).permute(2, 0, 1)
 
 
-def resize_frames(frames: Sequence[Frame], size: tuple[int, int]) -> torch.Tensor:
-    """Squash-resize (bicubic, antialiased, like the reference) -> (B, 3, h, w) uint8 on the frames' device.
+def resize_frame(frame: Frame, size: tuple[int, int]) -> torch.Tensor:
+    """Squash-resize (bicubic, antialiased, like the reference) -> (3, h, w) uint8 on the frame's device.
 
     The whole frame is kept (no centre crop): a defect at the border must stay visible.
     """
-    return torch.stack([TF.resize(_as_chw(f), list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
-                        for f in frames])
+    return TF.resize(_as_chw(frame), list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -50,14 +49,21 @@ def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
 
 def preprocess(frames: Sequence[Frame], size: tuple[int, int], mean: Sequence[float],
                std: Sequence[float], device: torch.device | None = None) -> torch.Tensor:
-    """Frames -> normalised (B, 3, h, w) fp32 model input on ``device`` (default: where the frames are).
+    """Frames -> normalised (B, 3, h, w) fp32 model input on ``device`` (default: the host).
 
-    Host frames bound for CUDA travel as uint8 (a quarter of the bytes of fp32) from a pinned buffer
-    with a non-blocking copy, and are normalised on the device.
+    Frames already on the device (GPU-decoded) are resized there. Host frames bound for CUDA are
+    resized on the host and travel as uint8 (a quarter of the bytes of fp32) in one pinned buffer
+    with a non-blocking copy, then are normalised on the device.
     """
-    batch = resize_frames(frames, size)
-    if device is not None and device.type == "cuda" and batch.device.type == "cpu":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    elif device is not None:
-        batch = batch.to(device)
-    return normalize(batch, mean, std)
+    resized = [resize_frame(f, size) for f in frames]
+    target = device or torch.device("cpu")
+    away = [i for i, r in enumerate(resized) if r.device != target]
+    if away:
+        staged = torch.stack([resized[i] for i in away])
+        if target.type == "cuda" and staged.device.type == "cpu":
+            staged = staged.pin_memory().to(target, non_blocking=True)
+        else:
+            staged = staged.to(target)
+        for j, i in enumerate(away):
+            resized[i] = staged[j]
+    return normalize(torch.stack(resized), mean, std)
