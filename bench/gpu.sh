@@ -7,7 +7,7 @@
 # 2. WinCLIP and ALFA engine-only frames/s (1080p frames already on the device, batch 8 and 32);
 # 3. end to end at 1080p through embedded tansu: 1, 2 and 4 `linewatch score` processes on the
 #    one GPU (nvjpeg decoding on the device, batch 32), WinCLIP and ALFA.
-# Figures print as `key=value` rows and go to DIR/*.json (default bench-gpu-<time>/).
+# Figures print as `key=value` rows and go to DIR/*.json (default /tmp/linewatch-gpu-<time>/).
 # `--device cpu --small` runs the same steps at toy sizes on a CPU (what the test suite checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     *) echo "usage: bash bench/gpu.sh [--device cuda|cpu] [--small] [--out DIR]" >&2; exit 2 ;;
   esac
 done
-OUT=${OUT:-bench-gpu-$(date -u +%Y%m%dT%H%M%SZ)}
+OUT=${OUT:-${TMPDIR:-/tmp}/linewatch-gpu-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
 if [ "$SMALL" = 1 ]; then
