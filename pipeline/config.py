@@ -236,6 +236,17 @@ class CameraConfig(Section):
             if any(not (0.0 <= c <= 1.0) for point in poly for c in point):
                 raise ValueError(f"ignore region {i}: coordinates are fractions of the frame, 0..1")
         return value
+    # Scoring in [rows, cols] tiles overlapping by a fraction of a tile, so small defects in large
+    # frames are not squeezed into one model input; maps are stitched back (max in overlaps).
+    tiles: tuple[int, int] = (1, 1)
+    tile_overlap: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("tiles")
+    @classmethod
+    def _tiles_positive(cls, tiles: tuple[int, int]) -> tuple[int, int]:
+        if min(tiles) < 1:
+            raise ValueError(f"tiles must be [rows, cols] of at least 1, got {list(tiles)}")
+        return tiles
 
 
 class ReferenceSettings(BaseModel):

@@ -148,6 +148,43 @@ def decode_image(data: bytes) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+# Scales libjpeg can decode to directly (in the DCT domain): 1/1, 1/2, 1/4, 1/8.
+DECODE_SCALES = (1, 2, 4, 8)
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_scale(width: int, height: int, need_width: int, need_height: int) -> int:
+    """The largest reduction (1, 2, 4 or 8) that still leaves at least need_width x need_height pixels."""
+    best = 1
+    for s in DECODE_SCALES:
+        if -(-width // s) >= need_width and -(-height // s) >= need_height:
+            best = s
+    return best
+
+
+def scaled_size(width: int, height: int, scale: int) -> tuple[int, int]:
+    """(width, height) of a JPEG decoded at 1/scale (libjpeg rounds up)."""
+    return -(-width // scale), -(-height // scale)
+
+
+def decode_image_scaled(data: bytes, scale: int) -> np.ndarray:
+    """JPEG/PNG bytes -> RGB uint8 at 1/scale of the stored size (scale 1, 2, 4 or 8).
+
+    A JPEG is reduced while it is decoded (DCT scaling, ceil of the size: far cheaper than decoding
+    at full size and resizing); other formats are decoded whole and reduced by area (floor). OpenCV
+    releases the GIL meanwhile, so a thread pool decodes in parallel.
+    """
+    if scale not in _REDUCED_FLAGS:
+        raise ValueError(f"decode scale {scale} not in {DECODE_SCALES}")
+    if not data:
+        raise FrameDecodeError("empty frame")
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED_FLAGS[scale])
+    if bgr is None:
+        raise FrameDecodeError("undecodable image bytes")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def read_image(path: str) -> np.ndarray:
     """Read an image file as RGB uint8; raises FrameDecodeError naming the file."""
     try:

@@ -211,7 +211,7 @@ def test_invalid_layers_are_rejected(bb: ClipBackbone) -> None:
 
 # -- engine ----------------------------------------------------------------------------------
 
-def test_engine_alfa_maps_at_each_frame_size_and_deterministic() -> None:
+def test_engine_alfa_maps_for_each_frame_size_and_deterministic() -> None:
     bb, fp = backbone(SMALL)
     # The session's shared backbone (same random weights, loaded once), left on whatever device it is on.
     settings = EngineSettings(method="alfa", backbone=SMALL, pretrained="random", precision="fp32",
@@ -224,7 +224,8 @@ def test_engine_alfa_maps_at_each_frame_size_and_deterministic() -> None:
     frames = [rgb, gray, rgba]
     first = engine.score(frames, "ball_screw")
     second = engine.score(frames, "ball_screw")
-    assert [r.anomaly_map.shape for r in first] == [(180, 260), (97, 143), (64, 300)]
+    assert [r.frame_size for r in first] == [(180, 260), (97, 143), (64, 300)]
+    assert {r.anomaly_map.shape for r in first} == {engine.input_size}  # maps at model resolution
     for a, b in zip(first, second, strict=True):
         assert a.anomaly_map.dtype == np.float32 and np.isfinite(a.anomaly_map).all()
         assert 0.0 <= a.image_score <= 1.0

@@ -28,14 +28,16 @@ def frames(shared_data: Path) -> list[np.ndarray]:
     return [read_image(str(p)) for p in paths]
 
 
-def test_maps_come_back_at_each_frame_size(frames: list[np.ndarray]) -> None:
+def test_maps_come_back_at_model_resolution_for_each_frame_size(frames: list[np.ndarray]) -> None:
     engine = make_engine()
     gray = frames[0].mean(axis=2).astype(np.uint8)[:300, :500]
     single = frames[1][:200, :200, :1]
     rgba = np.dstack([frames[1][:123, :321], np.full((123, 321), 255, np.uint8)])
     inputs = [frames[0], gray, single, rgba]
     results = engine.score(inputs, "ball_screw")
-    assert [r.anomaly_map.shape for r in results] == [f.shape[:2] for f in inputs]
+    assert [r.frame_size for r in results] == [f.shape[:2] for f in inputs]
+    assert {r.anomaly_map.shape for r in results} == {engine.input_size}
+    assert [r.frame_map().shape for r in results] == [f.shape[:2] for f in inputs]
     for r in results:
         assert r.anomaly_map.dtype == np.float32
         assert 0.0 <= r.image_score <= 1.0

@@ -18,7 +18,7 @@ from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.references.sync import ReferenceSync
 from pipeline.runtime.loop import RuntimeConfig, StreamRuntime
-from pipeline.scoring.stage import ScoringStage
+from pipeline.scoring.stage import ScoringStage, tiles_by_camera
 
 log = get_logger(__name__)
 
@@ -65,7 +65,8 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
         engine = AnomalyEngine(settings.engine, settings.llm, cache=make_prompt_cache(settings))
     # New classes are prepared in the background; their frames wait in the stage (see commit_floor).
     stage = ScoringStage(engine, settings.scoring, settings.engine.shots_dir, settings.engine.k_shot,
-                         defer_new_classes=True, references=ReferenceSync.from_settings(settings))
+                         defer_new_classes=True, references=ReferenceSync.from_settings(settings),
+                         tiles=tiles_by_camera(settings.cameras))
     # The allowlist's and the configured cameras' classes (prompts, references) before readiness:
     # `linewatch run` starts capture on /readyz, so the first frames measure scoring, not preparation.
     stage.prepare_classes(dict.fromkeys([*(settings.scoring.classes or []),

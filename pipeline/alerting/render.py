@@ -19,7 +19,9 @@ FALLBACK_QUANTILE = 0.99
 def mask_from_map(map_float: np.ndarray, threshold: float, width: int, height: int) -> np.ndarray:
     """Anomaly map (h, w) float -> mask (height, width) uint8 in {0, 255}; never all zero.
 
-    The map is resized bilinearly to the frame size first, so the mask is at frame resolution.
+    The map is the score message's (model resolution, quantised to ``scoring.map_size``): it is
+    resized bilinearly to the frame size here, once per event, so the mask and the boxes derived
+    from it are at frame resolution and in frame coordinates (tiled cameras included).
     """
     if map_float.ndim != 2 or map_float.size == 0:
         raise ValueError(f"expected a non-empty 2-D map, got shape {map_float.shape}")

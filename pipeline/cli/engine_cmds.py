@@ -115,7 +115,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     results = [r for _, r in score_paths(engine, paths, args.product_class, args.batch_size)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    maps = {f"map_{i}": r.anomaly_map.astype(np.float32) for i, r in enumerate(results)}
+    maps = {f"map_{i}": r.frame_map().astype(np.float32) for i, r in enumerate(results)}
     with out.open("wb") as fh:  # a file object: numpy would append ".npz" to a path without it
         np.savez_compressed(fh, scores=np.array([r.image_score for r in results], dtype=np.float32),
                             paths=np.array([str(p) for p in paths], dtype=str), **maps)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -21,10 +22,11 @@ from pipeline.engine.alfa import Alfa, PromptPools
 from pipeline.engine.alfa_prompts import build_prompt_set
 from pipeline.engine.backbone import ClipBackbone
 from pipeline.engine.precision import Precision, resolve_precision
-from pipeline.engine.preprocess import preprocess
+from pipeline.engine.preprocess import Frame, preprocess
 from pipeline.engine.prompt_cache import NullCache, PromptCache, cache_key
 from pipeline.engine.prompting import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, object_name
-from pipeline.engine.scoring import gaussian_blur, upsample_maps
+from pipeline.engine.scoring import upsample_maps, upsample_smooth
+from pipeline.engine.tiling import UNTILED, TileGrid, TilePlan, plan_tiles, smoothing_sigma, stitch
 from pipeline.engine.weights import load_backbone
 from pipeline.engine.winclip import ReferenceMemory, WinClip
 from pipeline.imaging import read_image
@@ -40,12 +42,44 @@ ALFA_SIGMA_PX = 4.0  # Gaussian smoothing at the model's input scale (240 px)
 
 @dataclass(frozen=True)
 class FrameScore:
+    """One frame's result.
+
+    ``anomaly_map`` is (h, w) float32 at *model* resolution, not the frame's: the patch grid
+    upsampled (bilinear) to the model input size, smoothed there (ALFA), covering the whole frame
+    squashed the way the frame was squashed into the model. A tiled frame's map is its tiles' maps
+    stitched on the canvas (pipeline.engine.tiling), each tile at model input size. ``frame_size``
+    is the (height, width) of the frame scored. A full-resolution map exists only where it is drawn
+    (an event's mask, a report, the CLI's output): ``frame_map()``.
+    """
+
     image_score: float
-    anomaly_map: np.ndarray  # (H, W) float32 at the frame's own resolution
+    anomaly_map: np.ndarray
+    frame_size: tuple[int, int]
+
+    def frame_map(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The map resampled (bilinear) to (height, width), by default the frame's own size."""
+        h, w = size or self.frame_size
+        if self.anomaly_map.shape == (h, w):
+            return self.anomaly_map
+        return cv2.resize(self.anomaly_map, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 class UnknownMethodError(ValueError):
     pass
+
+
+def frame_size(frame: Frame) -> tuple[int, int]:
+    """(height, width) of a numpy (H, W[, C]) or torch (C, H, W) frame."""
+    if isinstance(frame, torch.Tensor):
+        return int(frame.shape[-2]), int(frame.shape[-1])
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
+def _crop(frame: Frame, box: tuple[int, int, int, int], size: tuple[int, int]) -> Frame:
+    y0, y1, x0, x1 = box
+    if (y0, x0) == (0, 0) and (y1, x1) == size:
+        return frame
+    return frame[..., y0:y1, x0:x1] if isinstance(frame, torch.Tensor) else frame[y0:y1, x0:x1]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -202,9 +236,19 @@ class AnomalyEngine:
         return mem.k_shot if isinstance(mem, ReferenceMemory) else mem.shape[0] // self.backbone.n_patches
 
     # -- scoring -----------------------------------------------------------------------------
-    def _prepare(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model input."""
+        return self.backbone.image_size
+
+    def pixels_needed(self, tiles: TileGrid = UNTILED) -> tuple[int, int]:
+        """(width, height) a frame needs so that each tile reaches the model at no less than its input size."""
+        (h, w), (span_y, span_x) = self.input_size, tiles.span()
+        return int(np.ceil(w * span_x)), int(np.ceil(h * span_y))
+
+    def _prepare(self, frames: Sequence[Frame]) -> torch.Tensor:
         bb = self.backbone
-        return preprocess(frames, bb.image_size, bb.mean, bb.std).to(self.device)
+        return preprocess(frames, bb.image_size, bb.mean, bb.std, device=self.device)
 
     def _autocast(self) -> object:
         return self.precision.model_autocast(self.device)
@@ -226,17 +270,58 @@ class AnomalyEngine:
                 scores, grid = self.alfa(batch, text, memory if isinstance(memory, torch.Tensor) else None)
         return scores.float(), grid.float()
 
-    def score(self, frames: Sequence[np.ndarray], product_class: str) -> list[FrameScore]:
-        """Score a batch of RGB/gray uint8 frames of any sizes; maps come back at each frame's size."""
+    def score(self, frames: Sequence[Frame], product_class: str,
+              tiles: TileGrid | Sequence[TileGrid] | None = None) -> list[FrameScore]:
+        """Score a batch of frames of any sizes (numpy RGB/gray uint8, or (3, H, W) uint8 tensors
+        already on the engine's device); maps come back at model resolution (see FrameScore).
+
+        ``tiles`` (one grid for all frames, or one per frame): each frame is cut into overlapping
+        tiles, the tiles of all frames go through the model as one batch, and each frame's tile maps
+        are stitched back (max where tiles overlap); its image score is the highest tile's.
+        """
         if not frames:
             return []
-        scores, grid = self._forward(self._prepare(frames), product_class)
-        results = []
-        in_h, in_w = self.backbone.image_size
-        for i, frame in enumerate(frames):
-            h, w = frame.shape[:2]
-            m = upsample_maps(grid[i : i + 1], (h, w))
-            if self.method == "alfa":
-                m = gaussian_blur(m, ALFA_SIGMA_PX * max(h / in_h, w / in_w))
-            results.append(FrameScore(float(scores[i]), m[0].cpu().numpy().astype(np.float32)))
-        return results
+        one = tiles is None or isinstance(tiles, TileGrid)
+        grids = [tiles if isinstance(tiles, TileGrid) else UNTILED] * len(frames) if one else list(tiles)
+        if len(grids) != len(frames):
+            raise ValueError(f"{len(grids)} tile grids for {len(frames)} frames")
+        sizes = [frame_size(f) for f in frames]
+        plans = [plan_tiles(size, self.input_size, g) for size, g in zip(sizes, grids, strict=True)]
+        crops = [_crop(f, box, size) for f, size, p in zip(frames, sizes, plans, strict=True) for box in p.crops]
+        scores, grid = self._forward(self._prepare(crops), product_class)
+        maps, frame_scores = self._postprocess(grid, scores, plans)
+        return [FrameScore(s, m, p.frame_size) for s, m, p in zip(frame_scores, maps, plans, strict=True)]
+
+    def _postprocess(self, grid: torch.Tensor, scores: torch.Tensor, plans: Sequence[TilePlan],
+                     ) -> tuple[list[np.ndarray], list[float]]:
+        """Patch grids of every tile -> one smoothed map per frame at model resolution, on the host.
+
+        Upsampling and smoothing are two small matrix products per map (scoring.upsample_smooth),
+        on the engine's device; untiled frames sharing a blur go as one batch; only the
+        model-resolution maps are copied to the host.
+        """
+        def sigma_of(plan: TilePlan) -> tuple[float, float]:
+            if self.method != "alfa":
+                return 0.0, 0.0
+            return smoothing_sigma(plan.frame_size, plan.canvas_size, ALFA_SIGMA_PX)
+
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(plans)
+        frame_scores: list[float] = []
+        host_scores = scores.float().cpu()
+        untiled: dict[tuple[float, float], list[tuple[int, int]]] = {}  # sharing a blur: one batch
+        start = 0
+        for i, plan in enumerate(plans):
+            n = len(plan.crops)
+            frame_scores.append(float(host_scores[start : start + n].max()))
+            if n == 1:
+                untiled.setdefault(sigma_of(plan), []).append((i, start))
+            else:
+                tiles = upsample_smooth(grid[start : start + n], self.input_size)
+                canvas = stitch(tiles, plan)
+                out[i] = upsample_smooth(canvas[None], plan.canvas_size, sigma_of(plan))[0].cpu().numpy()
+            start += n
+        for sigma, members in untiled.items():
+            host = upsample_smooth(grid[[s for _, s in members]], self.input_size, sigma).cpu().numpy()
+            for j, (i, _) in enumerate(members):
+                out[i] = host[j]
+        return out, frame_scores

@@ -5,6 +5,8 @@ Shapes use B (batch), P (patches), W (windows), K (reference items), D (embeddin
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch.nn import functional as F
 
@@ -77,15 +79,49 @@ def upsample_maps(grid_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return F.interpolate(grid_maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, H, W) maps; sigma in pixels, 0 disables."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, round(4 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+def gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float | tuple[float, float]) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, H, W) maps; sigma in pixels, or (sigma_y, sigma_x); 0 disables.
+
+    Reflect padding, the kernel cut at 4 sigma (at most one pixel less than the map's side).
+    """
+    sigma_y, sigma_x = (sigma, sigma) if isinstance(sigma, int | float) else sigma
     out = maps.unsqueeze(1)
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    if sigma_x > 0 and maps.shape[-1] > 1:
+        r = min(max(1, round(4 * sigma_x)), maps.shape[-1] - 1)
+        k = gaussian_kernel(sigma_x, r, maps.dtype, maps.device)
+        out = F.conv2d(F.pad(out, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    if sigma_y > 0 and maps.shape[-2] > 1:
+        r = min(max(1, round(4 * sigma_y)), maps.shape[-2] - 1)
+        k = gaussian_kernel(sigma_y, r, maps.dtype, maps.device)
+        out = F.conv2d(F.pad(out, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
     return out.squeeze(1)
+
+
+@lru_cache(maxsize=128)
+def resample_matrix(n_out: int, n_in: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) fp32: linear resampling (align_corners=False, as `upsample_maps`) followed by
+    `gaussian_blur` along the same axis, as one matrix (both are linear; built in fp64)."""
+    eye = torch.eye(n_in, dtype=torch.float64)
+    m = F.interpolate(eye[:, None, :], size=n_out, mode="linear", align_corners=False)[:, 0, :].T
+    if sigma > 0:
+        m = gaussian_blur(m[None], (sigma, 0.0))[0]
+    return m.to(device=device, dtype=torch.float32)
+
+
+def upsample_smooth(grid_maps: torch.Tensor, size: tuple[int, int], sigma: tuple[float, float] = (0.0, 0.0),
+                    ) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W): `upsample_maps` then `gaussian_blur(sigma)`, as two small matmuls.
+
+    The same numbers (to fp32 rounding) for a fraction of the work: a blur at 240 px with a 57-tap
+    kernel costs ~6 MFLOP per map by convolution and ~0.4 MFLOP folded into the resampling.
+    """
+    (h, w), (sy, sx) = grid_maps.shape[-2:], sigma
+    ay = resample_matrix(size[0], h, float(sy), grid_maps.device)
+    ax = resample_matrix(size[1], w, float(sx), grid_maps.device)
+    return ay @ grid_maps.float() @ ax.T

@@ -116,7 +116,7 @@ def evaluate(engine: AnomalyEngine, items: list[EvalItem], product_class: str, o
             for offset, (item, image, result) in enumerate(zip(chunk, images, results, strict=True)):
                 mask = read_mask(item, image.shape[:2])
                 h, w = eval_size(image.shape[:2])
-                maps.append(cv2.resize(result.anomaly_map, (w, h), interpolation=cv2.INTER_AREA))
+                maps.append(result.frame_map((h, w)))  # model-resolution map, bilinear to the eval size
                 masks.append(cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST))
                 scores.append(result.image_score)
                 if start + offset in sample:

@@ -31,7 +31,7 @@ from pipeline.references.sync import ReferenceSync
 from pipeline.replay.report import RunSummary, write_report
 from pipeline.runtime.envelope import Envelope, Record, StageResult
 from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
-from pipeline.scoring.stage import Frame, ScoringStage
+from pipeline.scoring.stage import Frame, ScoringStage, tiles_by_camera
 from schemas.events import DefectEvent
 from schemas.scores import ScoreMessage
 
@@ -142,7 +142,8 @@ def rescore(settings: Settings, engine: AnomalyEngine, starts: dict[int | None, 
     scoring = settings.scoring.model_copy(update={"staleness_s": None})  # old frames are the point
     # The current reference sets, camera thresholds and ignore regions, as live scoring uses them.
     scoring_stage = ScoringStage(engine, scoring, settings.engine.shots_dir, settings.engine.k_shot,
-                                 references=ReferenceSync.from_settings(settings))
+                                 references=ReferenceSync.from_settings(settings),
+                                 tiles=tiles_by_camera(settings.cameras))
     thresholds: dict[str, float] = {}
     client = connect(settings.redis) if settings.redis.url else None
     if client is not None:

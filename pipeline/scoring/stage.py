@@ -22,15 +22,17 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import ScoringSettings
+from pipeline.config import CameraConfig, ScoringSettings
+from pipeline.engine import gpu_decode
 from pipeline.engine.engine import AnomalyEngine, FrameScore
-from pipeline.imaging import FrameDecodeError, decode_image, quantize_map, thumbnail_jpeg
+from pipeline.engine.tiling import UNTILED, TileGrid
+from pipeline.imaging import FrameDecodeError, decode_image_scaled, decode_scale, quantize_map, thumbnail_jpeg
 from pipeline.logging import get_logger
 from pipeline.metrics import (
     BATCH_SIZE,
@@ -58,9 +60,14 @@ THUMBNAIL_BOX = 256
 
 @dataclass(frozen=True)
 class Frame:
+    """An accepted frame. ``image`` is None until ``ScoringStage.decode`` ran; then it is RGB uint8
+    decoded at 1/``scale`` of the header's size (what the model and the thumbnail need, no more)."""
+
     header: FrameHeader
-    image: np.ndarray  # RGB uint8 (H, W, 3)
+    image: np.ndarray | None
     source: object  # the consumer record, for offsets and dead letters
+    data: bytes | None = None  # the encoded frame, kept until it is decoded
+    scale: int = 1
 
 
 @dataclass(frozen=True)
@@ -84,10 +91,24 @@ def _partition(source: object) -> tuple[str, int] | None:
     return (topic, partition) if isinstance(topic, str) and isinstance(partition, int) else None
 
 
+def tiles_by_camera(cameras: Sequence[CameraConfig]) -> dict[str, TileGrid]:
+    """Camera id -> its tile grid, for the cameras configured with more than one tile."""
+    return {c.id: TileGrid(c.tiles[0], c.tiles[1], c.tile_overlap) for c in cameras
+            if tuple(c.tiles) != (1, 1)}
+
+
+@dataclass(frozen=True)
+class _Ready:
+    frame: Frame
+    image: object  # np.ndarray on the host, or a (3, H, W) uint8 tensor on the engine's CUDA device
+    thumb: np.ndarray  # the picture the thumbnail is made from (the same decode)
+
+
 class ScoringStage(Stage):
     def __init__(self, engine: AnomalyEngine, settings: ScoringSettings, shots_dir: Path | None = None,
                  k_shot: int = 0, clock: Callable[[], float] = time.time,
-                 defer_new_classes: bool = False, references: ReferenceSync | None = None) -> None:
+                 defer_new_classes: bool = False, references: ReferenceSync | None = None,
+                 tiles: Mapping[str, TileGrid] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.shots_dir = shots_dir
@@ -103,13 +124,16 @@ class ScoringStage(Stage):
         self.defer_new_classes = defer_new_classes
         self._preparing: dict[str, Future[None]] = {}
         self._executor: ThreadPoolExecutor | None = None
-        self._held: list[Frame] = []
+        self._held: list[_Ready] = []  # decoded frames waiting for their class
         self._lock = threading.Lock()
         # Next offsets processed per partition, kept until they could be committed whole.
         self._wanted: dict[tuple[str, int], tuple[Any, int]] = {}
         # Versioned reference sets in Redis win over shots_dir; versions are followed live.
         self.references = references
         self.reference_versions: dict[str, str | None] = {}
+        self.tiles = dict(tiles or {})
+        # nvjpeg on the engine's GPU; never on a CPU engine.
+        self.gpu_decode = gpu_decode.available(engine.device)
 
     # -- validation ---------------------------------------------------------------------------
     def accept(self, value: bytes | None, headers: list[tuple[str, bytes]] | None, source: object,
@@ -140,19 +164,84 @@ class ScoringStage(Stage):
             FRAMES_STALE.labels(camera=CAMERA_LABEL(header.camera_id)).inc()
             return Skipped("stale", source)
         checks.check_encoded(value, header, self.settings.max_frame_pixels)
-        try:
-            image = decode_image(value)
-        except FrameDecodeError as exc:
-            raise FrameCheckError(checks.UNDECODABLE, str(exc)) from None
-        if image.shape[:2] != (header.height, header.width):
-            raise FrameCheckError(checks.DIMENSION_MISMATCH, f"header {header.width}x{header.height}, "
-                                                           f"image {image.shape[1]}x{image.shape[0]}")
-        return Frame(header, image, source)
+        # Decoded later, by `decode_frame` (the runtime's decode threads) or by `score` itself.
+        return Frame(header, None, source, data=value)
 
     def _stale(self, header: FrameHeader, now: float) -> bool:
         # Replays are scored whatever their age: they exist to look at the past.
         limit = self.settings.staleness_s
         return limit is not None and header.replay_session is None and now - header.capture_ts > limit
+
+    # -- decoding -----------------------------------------------------------------------------
+    def decode_scale(self, header: FrameHeader) -> int:
+        """The DCT-domain reduction (1, 2, 4, 8) for this camera: the smallest picture that still
+        feeds every tile at model resolution and gives a full-width thumbnail."""
+        need_w, need_h = self.engine.pixels_needed(self.tiles.get(header.camera_id, UNTILED))
+        return decode_scale(header.width, header.height, max(need_w, THUMBNAIL_BOX), max(need_h, THUMBNAIL_BOX))
+
+    def decode_frame(self, frame: Frame) -> Frame | Rejected:
+        """Decode an accepted frame at the reduced scale it needs. Thread-safe; OpenCV releases the GIL,
+        so a pool of threads decodes the next micro-batch while the model runs. On a CUDA engine a JPEG
+        is left encoded here: `score` decodes the whole micro-batch on the GPU (nvjpeg)."""
+        if frame.image is not None or frame.data is None:
+            return frame
+        if self.gpu_decode and gpu_decode.is_jpeg(frame.data):
+            return frame
+        header = frame.header
+        scale = self.decode_scale(header)
+        try:
+            image = decode_image_scaled(frame.data, scale)
+        except FrameDecodeError as exc:
+            return Rejected(f"{checks.UNDECODABLE}: {exc}", frame.source)
+        h, w = image.shape[:2]
+        # libjpeg rounds a reduced size up, area resizing (other formats) down: either is the header's size.
+        if abs(h - header.height / scale) >= 1 or abs(w - header.width / scale) >= 1:
+            return Rejected(f"dimension_mismatch: header {header.width}x{header.height}, "
+                            f"image {w * scale}x{h * scale}", frame.source)
+        return replace(frame, image=image, data=None, scale=scale)
+
+    def _ready(self, frames: Sequence[Frame]) -> tuple[list[_Ready], list[Rejected]]:
+        """Decode what is not decoded yet; on the GPU path, all pending JPEGs in one nvjpeg call."""
+        ready: list[_Ready] = []
+        failed: list[Rejected] = []
+        on_gpu: list[Frame] = []
+        for f in frames:
+            d = self.decode_frame(f)
+            if isinstance(d, Rejected):
+                failed.append(d)
+            elif d.image is None:
+                on_gpu.append(d)
+            else:
+                ready.append(_Ready(d, d.image, d.image))
+        if on_gpu:
+            ready_gpu, failed_gpu = self._decode_on_gpu(on_gpu)
+            ready.extend(ready_gpu)
+            failed.extend(failed_gpu)
+        return ready, failed
+
+    def _decode_on_gpu(self, frames: Sequence[Frame]) -> tuple[list[_Ready], list[Rejected]]:
+        device = self.engine.device
+        try:
+            images = gpu_decode.decode_jpegs([f.data or b"" for f in frames], device)
+        except RuntimeError:
+            if len(frames) == 1:
+                return [], [Rejected("undecodable: nvjpeg could not decode the frame", frames[0].source)]
+            ready: list[_Ready] = []
+            failed: list[Rejected] = []
+            for f in frames:  # find the bad one; the others still go through the GPU
+                r, x = self._decode_on_gpu([f])
+                ready.extend(r)
+                failed.extend(x)
+            return ready, failed
+        ready, failed = [], []
+        for f, image in zip(frames, images, strict=True):
+            if tuple(image.shape[1:]) != (f.header.height, f.header.width):
+                failed.append(Rejected(f"dimension_mismatch: header {f.header.width}x{f.header.height}, "
+                                       f"image {image.shape[2]}x{image.shape[1]}", f.source))
+                continue
+            thumb = gpu_decode.thumbnail_on_device(image, THUMBNAIL_BOX)
+            ready.append(_Ready(replace(f, data=None), image, thumb))
+        return ready, failed
 
     # -- classes ------------------------------------------------------------------------------
     def prepare_classes(self, classes: Iterable[str] | None = None) -> list[str]:
@@ -237,10 +326,11 @@ class ScoringStage(Stage):
                 if current is None or offset > current[1]:
                     self._wanted[key] = (tp, offset)
             floors: dict[tuple[str, int], int] = {}
-            for f in self._held:
-                part = _partition(f.source)
+            for r in self._held:
+                src = r.frame.source
+                part = _partition(src)
                 if part is not None:
-                    floors[part] = min(floors.get(part, f.source.offset), f.source.offset)  # type: ignore[attr-defined]
+                    floors[part] = min(floors.get(part, src.offset), src.offset)  # type: ignore[attr-defined]
             out = {}
             for key, (tp, offset) in list(self._wanted.items()):
                 floor = floors.get(key)
@@ -255,7 +345,7 @@ class ScoringStage(Stage):
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, frames: Sequence[Frame]) -> tuple[list[tuple[Frame, ScoreMessage]], list[Rejected]]:
-        """Score a micro-batch (plus held frames whose class became ready).
+        """Score a micro-batch, decoded or not (plus held frames whose class became ready).
 
         Returns (frame, message) pairs and frames that failed; frames of a class still being
         prepared in the background are held and come back from a later call.
@@ -266,14 +356,14 @@ class ScoringStage(Stage):
             with self._lock:
                 for product_class in changed:
                     self._classes.pop(product_class, None)
+        ready, failed = self._ready(frames)
         with self._lock:
-            frames = [*self._held, *frames]
+            ready = [*self._held, *ready]
             self._held = []
-        by_class: dict[str, list[Frame]] = defaultdict(list)
-        for f in frames:
-            by_class[f.header.product_class].append(f)
+        by_class: dict[str, list[_Ready]] = defaultdict(list)
+        for r in ready:
+            by_class[r.frame.header.product_class].append(r)
         done: list[tuple[Frame, ScoreMessage]] = []
-        failed: list[Rejected] = []
         with self._lock:
             # Before any class is prepared there is nothing to hold up: the first are prepared in place.
             defer = self.defer_new_classes and bool(self._classes)
@@ -290,7 +380,7 @@ class ScoringStage(Stage):
                     error = future.exception()
                     if error is not None:
                         failed.extend(Rejected(f"{checks.CLASS_PREPARATION_FAILED}: {first_line(error)}",
-                                               f.source) for f in group)
+                                               r.frame.source) for r in group)
                         continue
                     self._mark_ready(product_class)
                 else:
@@ -298,7 +388,7 @@ class ScoringStage(Stage):
                         self._ensure_class(product_class)
                     except Exception as exc:
                         failed.extend(Rejected(f"{checks.CLASS_PREPARATION_FAILED}: {first_line(exc)}",
-                                               f.source) for f in group)
+                                               r.frame.source) for r in group)
                         continue
             self._mark_ready(product_class)  # most recently used
             try:
@@ -306,25 +396,27 @@ class ScoringStage(Stage):
             except Exception as exc:
                 log.warning("batch_failed_retrying_singly", product_class=product_class, error=first_line(exc))
                 results = []
-                for f in group:
+                for r in group:
                     try:
-                        results.extend(self._timed_score([f], product_class))
+                        results.extend(self._timed_score([r], product_class))
                     except Exception as single:
-                        failed.append(Rejected(f"{checks.SCORING_FAILED}: {first_line(single)}", f.source))
+                        failed.append(Rejected(f"{checks.SCORING_FAILED}: {first_line(single)}", r.frame.source))
                         results.append(None)
-            for f, r in zip(group, results, strict=True):
-                if r is None:
+            for r, result in zip(group, results, strict=True):
+                if result is None:
                     continue
                 try:
-                    done.append((f, self._stamp(f, self._message(f, r))))
+                    done.append((r.frame, self._stamp(r.frame, self._message(r, result))))
                 except Exception as exc:  # building the message (map, thumbnail) is per frame too
-                    failed.append(Rejected(f"{checks.SCORING_FAILED}: {first_line(exc)}", f.source))
+                    failed.append(Rejected(f"{checks.SCORING_FAILED}: {first_line(exc)}", r.frame.source))
         return done, failed
 
     # -- on the stream runtime ------------------------------------------------------------------
     def decode(self, env: Envelope) -> Frame | Reject | Skip:
         """Runs in the runtime's decode pool: validate and decode the image of one frame record."""
         verdict = self.accept(env.value, list(env.headers), env)
+        if isinstance(verdict, Frame):
+            verdict = self.decode_frame(verdict)  # in the pool: overlaps the model's current batch
         if isinstance(verdict, Rejected):
             return Reject(env, verdict.reason)
         if isinstance(verdict, Skipped):
@@ -354,9 +446,14 @@ class ScoringStage(Stage):
             rejects=[Reject(r.source, r.reason) for r in failed if isinstance(r.source, Envelope)],
         )
 
-    def _timed_score(self, group: Sequence[Frame], product_class: str) -> list[FrameScore | None]:
+    def _timed_score(self, group: Sequence[_Ready], product_class: str) -> list[FrameScore | None]:
         start = time.perf_counter()
-        results = self.engine.score([f.image for f in group], product_class)
+        images = [r.image for r in group]
+        grids = [self.tiles.get(r.frame.header.camera_id, UNTILED) for r in group]
+        if any(g != UNTILED for g in grids):
+            results = self.engine.score(images, product_class, tiles=grids)
+        else:
+            results = self.engine.score(images, product_class)
         SCORING_SECONDS.observe(time.perf_counter() - start)
         BATCH_SIZE.observe(len(group))
         FRAMES_SCORED.labels(product_class=CLASS_LABEL(product_class), method=self.engine.method).inc(len(group))
@@ -380,14 +477,16 @@ class ScoringStage(Stage):
             return broker_ms / 1000.0
         return frame.header.capture_ts
 
-    def _message(self, frame: Frame, result: FrameScore) -> ScoreMessage:
+    def _message(self, ready: _Ready, result: FrameScore) -> ScoreMessage:
+        # The map is at model resolution already: quantised straight to map_size, no frame-size detour.
+        frame = ready.frame
         png, lo, hi = quantize_map(result.anomaly_map, self.settings.map_size)
         now = self.clock()
         latency = max(0.0, now - self._ingest_ts(frame))
         END_TO_END_SECONDS.observe(latency)
         return ScoreMessage(
             frame=frame.header.ref(), image_score=result.image_score, anomaly_map_png=png, map_min=lo,
-            map_max=hi, thumbnail_jpeg=thumbnail(frame.image), model_fingerprint=self.engine.fingerprint,
+            map_max=hi, thumbnail_jpeg=thumbnail(ready.thumb), model_fingerprint=self.engine.fingerprint,
             method=self.engine.method, latency_ms=latency * 1000.0, scored_ts=now,
         )
 
