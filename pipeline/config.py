@@ -19,7 +19,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-Method = Literal["winclip", "alfa"]
+Method = Literal["winclip", "alfa", "aprilgan"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 
 
@@ -97,6 +97,8 @@ class EngineSettings(BaseModel):
     shots_dir: Path | None = None
     k_shot: int = Field(default=0, ge=0)
     cache_dir: Path | None = None
+    # AprilGAN's per-stage linear projections (`linewatch train aprilgan`); unset: untrained stand-ins.
+    projections: Path | None = None
 
 
 class ScoringSettings(BaseModel):
