@@ -19,7 +19,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, FileNotFoundError,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli import api_cmds, delivery_cmds, engine_cmds, record_cmds, replay_cmds, stream_cmds
+    from pipeline.cli import api_cmds, delivery_cmds, engine_cmds, record_cmds, replay_cmds, stream_cmds, train_cmds
 
     parser = argparse.ArgumentParser(prog="linewatch", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (also LINEWATCH_CONFIG)")
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmds.register(sub)
     delivery_cmds.register(sub)
     api_cmds.register(sub)
+    train_cmds.register(sub)
     return parser
 
 
