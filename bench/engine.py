@@ -1,6 +1,7 @@
 """Engine throughput: each method at batch sizes 1 and 8 beside the bare encode_image forward.
 
     python bench/engine.py [--backbone ViT-B-16-plus-240] [--pretrained random] [--iters 2]
+                           [--methods winclip winclip-1shot alfa aprilgan aprilgan-1shot]
 
 Prints frames/s, ms/frame, peak memory, the cost relative to one bare forward, and for the fast
 (lower-precision) mode its deviation from exact fp32 (max image-score difference, Spearman
@@ -85,7 +86,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--methods", nargs="+", default=["winclip", "winclip-1shot", "alfa"])
+    # "-1shot" adds one reference frame; aprilgan runs with stand-in projections (same cost as trained ones).
+    parser.add_argument("--methods", nargs="+",
+                        default=["winclip", "winclip-1shot", "alfa", "aprilgan", "aprilgan-1shot"])
     parser.add_argument("--tensor-level", action="store_true",
                         help="also time 240x240 tensors in and maps out, as bench/anomalib_reference.py does")
     parser.add_argument("--anomalib-fps", type=float, default=None,

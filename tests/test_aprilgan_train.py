@@ -4,6 +4,7 @@ and `linewatch train aprilgan` / `linewatch eval --method aprilgan` as subproces
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,9 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
     for c, name in enumerate(CLASSES):
         base_colour = np.array([60 + 80 * c, 120, 180 - 80 * c], dtype=np.float32)
 
-        def part() -> np.ndarray:
+        def part(colour: np.ndarray = base_colour) -> np.ndarray:
             noise = rng.normal(0, 12, size=(96, 128, 3))
-            return np.clip(base_colour + noise, 0, 255).astype(np.uint8)
+            return np.clip(colour + noise, 0, 255).astype(np.uint8)
 
         for i in range(2):
             write_image(root / name / "train" / "good" / f"{i:03d}.png", part())
@@ -67,7 +68,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def linewatch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("LINEWATCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "--log-level", "warning", *args], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
