@@ -24,7 +24,7 @@ from pydantic_settings import (
 
 from schemas.frames import PRODUCT_CLASS_PATTERN
 
-Method = Literal["winclip", "alfa"]
+Method = Literal["winclip", "alfa", "aprilgan"]
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 
 
@@ -108,6 +108,8 @@ class EngineSettings(Section):
     shots_dir: Path | None = None
     k_shot: int = Field(default=0, ge=0)
     cache_dir: Path | None = None
+    # AprilGAN's per-stage linear projections (`linewatch train aprilgan`); unset: untrained stand-ins.
+    projections: Path | None = None
 
 
 class ScoringSettings(Section):

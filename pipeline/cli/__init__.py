@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         record_cmds,
         replay_cmds,
         stream_cmds,
+        train_cmds,
     )
 
     parser = argparse.ArgumentParser(prog="linewatch", description=__doc__)
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     api_cmds.register(sub)
     camera_cmds.register(sub)
     learning_cmds.register(sub)
+    train_cmds.register(sub)
     return parser
 
 

@@ -20,16 +20,17 @@ if TYPE_CHECKING:
 
 # Flag name -> EngineSettings field; a flag overrides the configuration only when given.
 ENGINE_FLAGS = {"method": "method", "backbone": "backbone", "pretrained": "pretrained", "precision": "precision",
-                "device": "device", "shots": "shots_dir", "k_shot": "k_shot"}
+                "device": "device", "shots": "shots_dir", "k_shot": "k_shot", "projections": "projections"}
 
 
 def add_engine_options(p: argparse.ArgumentParser, references: bool = True) -> None:
     # No argparse `choices`: a bad value should be one error line like every other user error.
-    p.add_argument("--method", default=None, help="winclip or alfa")
+    p.add_argument("--method", default=None, help="winclip, alfa or aprilgan")
     p.add_argument("--backbone", default=None, help="open_clip model name (default ViT-B-16-plus-240)")
     p.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint path, or 'random'")
     p.add_argument("--precision", default=None, help="fp32, bf16, fp16 or auto")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--projections", default=None, help="AprilGAN projections checkpoint (linewatch train aprilgan)")
     if references:
         p.add_argument("--shots", default=None, help="folder of normal reference images (<dir>/<class>/ or <dir>/)")
         p.add_argument("--k-shot", type=int, default=None, help="use the first K sorted references (0: all)")

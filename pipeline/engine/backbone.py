@@ -211,6 +211,24 @@ class ClipBackbone:
         return ImageTokens(pooled=pooled, patches=patches, embeds=embeds,
                            layers={k: v[:, 1:] for k, v in layers.items()})
 
+    def stage_tokens(self, images: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One full forward: the pooled embedding and raw intermediate patch tokens (AprilGAN's stages).
+
+        images: (B, 3, H, W) -> pooled (B, D) (class token, ln_post, proj; unnormalised) and, per
+        1-based layer in ``layers``, the residual stream after that block without the class token,
+        (B, P, C), row-major over the grid: no ln_post, no proj. Equals open_clip's
+        ``visual.forward_intermediates(indices=[l - 1 ...], normalize_intermediates=False,
+        output_fmt="NLC")`` (guarded by tests/test_backbone_adapter.py).
+        """
+        bad = [layer for layer in layers if not 1 <= layer <= self.n_layers]
+        if bad:
+            raise ValueError(f"{self.name}: stage layers {bad} outside 1..{self.n_layers}")
+        x = self.visual.ln_pre(self.visual.patch_dropout(self.embed(images)))
+        x, taken = self.run_blocks(x, collect=tuple(layers))
+        # ln_post is per token, so normalising the class token alone equals open_clip's pooling.
+        pooled = self.visual.ln_post(x[:, 0]) @ self.visual.proj
+        return pooled, [taken[layer][:, 1:] for layer in layers]
+
     def encode_windows(self, embeds: torch.Tensor, masks: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Window embeddings by token masking.
 

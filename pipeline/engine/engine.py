@@ -20,6 +20,8 @@ import torch
 from pipeline.config import EngineSettings, LLMSettings
 from pipeline.engine.alfa import Alfa, PromptPools
 from pipeline.engine.alfa_prompts import build_prompt_set
+from pipeline.engine.aprilgan import PROMPT_DATA as APRILGAN_PROMPT_DATA
+from pipeline.engine.aprilgan import AprilGan, AprilGanMemory, load_projections, untrained_projections
 from pipeline.engine.backbone import ClipBackbone
 from pipeline.engine.precision import Precision, resolve_precision
 from pipeline.engine.preprocess import Frame, preprocess
@@ -37,6 +39,7 @@ log = get_logger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINCLIP_PROMPT_VERSION = hashlib.sha256(repr((NORMAL_STATES, ANOMALOUS_STATES, TEMPLATES)).encode()).hexdigest()[:12]
+APRILGAN_PROMPT_VERSION = hashlib.sha256(repr(APRILGAN_PROMPT_DATA).encode()).hexdigest()[:12]
 ALFA_SIGMA_PX = 4.0  # Gaussian smoothing at the model's input scale (240 px)
 
 
@@ -96,8 +99,8 @@ class AnomalyEngine:
     def __init__(self, settings: EngineSettings, llm: LLMSettings | None = None,
                  cache: PromptCache | None = None, backbone: ClipBackbone | None = None,
                  fingerprint: str | None = None) -> None:
-        if settings.method not in ("winclip", "alfa"):
-            raise UnknownMethodError(f"unknown method {settings.method!r}; choose winclip or alfa")
+        if settings.method not in ("winclip", "alfa", "aprilgan"):
+            raise UnknownMethodError(f"unknown method {settings.method!r}; choose winclip, alfa or aprilgan")
         self.settings = settings
         self.llm = llm or LLMSettings()
         self.cache: PromptCache = cache or NullCache()
@@ -113,7 +116,12 @@ class AnomalyEngine:
         image_backbone = self.backbone.image_tower_copy(image_dtype) if image_dtype is not None else None
         self.winclip = WinClip(backbone, window_dtype=self.precision.window_dtype, image_backbone=image_backbone)
         self.alfa = Alfa(backbone, image_backbone=image_backbone)
-        self._references: dict[str, ReferenceMemory | torch.Tensor] = {}
+        self.aprilgan: AprilGan | None = None
+        if self.method == "aprilgan":
+            projections = (load_projections(settings.projections, backbone) if settings.projections
+                           else untrained_projections(backbone))
+            self.aprilgan = AprilGan(backbone, projections, image_backbone=image_backbone)
+        self._references: dict[str, ReferenceMemory | AprilGanMemory | torch.Tensor] = {}
         self._text: dict[str, torch.Tensor | PromptPools] = {}
         self._prompt_versions: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -132,6 +140,12 @@ class AnomalyEngine:
                 key, lambda: {"prototypes": self.winclip.text_prototypes(name).cpu().numpy()})
             value: torch.Tensor | PromptPools = torch.from_numpy(bundle["prototypes"].copy()).to(self.device)
             self._prompt_versions[product_class] = WINCLIP_PROMPT_VERSION
+        elif self.aprilgan is not None:
+            aprilgan = self.aprilgan
+            key = cache_key(product_class, "aprilgan", APRILGAN_PROMPT_VERSION, self.fingerprint)
+            bundle = self.cache.get_or_compute(key, lambda: {"text": aprilgan.text_features(name).cpu().numpy()})
+            value = torch.from_numpy(bundle["text"].copy()).to(self.device)
+            self._prompt_versions[product_class] = APRILGAN_PROMPT_VERSION
         else:
             prompts = build_prompt_set(name, self.llm, self.settings.cache_dir)
             key = cache_key(product_class, "alfa", prompts.version, self.fingerprint)
@@ -162,7 +176,9 @@ class AnomalyEngine:
         batch = batch.to(self.device)
         with self._autocast(), torch.inference_mode():
             if self.method == "winclip":
-                memory: ReferenceMemory | torch.Tensor = self.winclip.reference_memory(batch)
+                memory: ReferenceMemory | AprilGanMemory | torch.Tensor = self.winclip.reference_memory(batch)
+            elif self.aprilgan is not None:
+                memory = self.aprilgan.reference_memory(batch)
             else:
                 memory = self.alfa.reference_memory(batch).float()
         self._references[product_class] = memory
@@ -199,6 +215,11 @@ class AnomalyEngine:
                     mem = self.winclip.reference_memory(batch)
                     arrays = {"patches": mem.patches}
                     arrays.update({f"windows_{i}": w for i, w in enumerate(mem.windows)})
+                elif self.aprilgan is not None:
+                    # One row per patch position with every stage's token side by side (N, S*C), so
+                    # a coreset keeps or drops a position in all stages at once.
+                    tokens = self.aprilgan.reference_memory(batch).tokens  # (S, N, C)
+                    arrays = {"patches": tokens.permute(1, 0, 2).reshape(tokens.shape[1], -1)}
                 else:
                     arrays = {"patches": self.alfa.reference_memory(batch)}
             parts.append({k: v.float().cpu().numpy() for k, v in arrays.items()})
@@ -213,7 +234,12 @@ class AnomalyEngine:
             n_scales = len(self.winclip.scales)
             windows = [torch.from_numpy(np.ascontiguousarray(arrays[f"windows_{i}"])).to(self.device)
                        for i in range(n_scales)]
-            memory: ReferenceMemory | torch.Tensor = ReferenceMemory(patches=patches, windows=windows, k_shot=k_shot)
+            memory: ReferenceMemory | AprilGanMemory | torch.Tensor = ReferenceMemory(
+                patches=patches, windows=windows, k_shot=k_shot)
+        elif self.aprilgan is not None:
+            n_stages = len(self.aprilgan.stages)
+            rows = patches.float().reshape(patches.shape[0], n_stages, -1)  # (N, S, C)
+            memory = AprilGanMemory(tokens=rows.permute(1, 0, 2).contiguous(), k_shot=k_shot)
         else:
             memory = patches.float()
         with self._lock:
@@ -233,7 +259,9 @@ class AnomalyEngine:
         mem = self._references.get(product_class)
         if mem is None:
             return 0
-        return mem.k_shot if isinstance(mem, ReferenceMemory) else mem.shape[0] // self.backbone.n_patches
+        if isinstance(mem, (ReferenceMemory, AprilGanMemory)):
+            return mem.k_shot
+        return mem.shape[0] // self.backbone.n_patches
 
     # -- scoring -----------------------------------------------------------------------------
     @property
@@ -265,6 +293,11 @@ class AnomalyEngine:
             if self.method == "winclip":
                 assert isinstance(text, torch.Tensor)
                 scores, grid = self.winclip(batch, text, memory if isinstance(memory, ReferenceMemory) else None)
+            elif self.aprilgan is not None:
+                # Maps come back at the model's input resolution (the reference upsamples logits
+                # before its softmax); the engine's later upsampling to that size is the identity.
+                assert isinstance(text, torch.Tensor)
+                scores, grid = self.aprilgan(batch, text, memory if isinstance(memory, AprilGanMemory) else None)
             else:
                 assert isinstance(text, PromptPools)
                 scores, grid = self.alfa(batch, text, memory if isinstance(memory, torch.Tensor) else None)
