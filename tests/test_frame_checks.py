@@ -97,8 +97,11 @@ def test_hostile_header_fields_are_bad_headers_naming_the_field(
 
 
 def test_a_valid_frame_is_accepted(engine: AnomalyEngine) -> None:
-    verdict = stage_for(engine).accept(JPEG, raw_header(), source="rec")
-    assert isinstance(verdict, Frame) and verdict.image.shape == (48, 64, 3)
+    stage = stage_for(engine)
+    verdict = stage.accept(JPEG, raw_header(), source="rec")
+    assert isinstance(verdict, Frame) and verdict.image is None  # checked, decoded later (decode pool)
+    decoded = stage.decode_frame(verdict)
+    assert isinstance(decoded, Frame) and decoded.image is not None and decoded.image.shape == (48, 64, 3)
     png = stage_for(engine).accept(PNG, raw_header(encoding="png"), source="rec")
     assert isinstance(png, Frame)
 

@@ -133,7 +133,8 @@ class ScoringStage(Stage):
         self.reference_versions: dict[str, str | None] = {}
         self.tiles = dict(tiles or {})
         # nvjpeg on the engine's GPU; never on a CPU engine.
-        self.gpu_decode = gpu_decode.available(engine.device)
+        # (engine None: a stage used for checking records only, as in the memory-bound tests.)
+        self.gpu_decode = engine is not None and gpu_decode.available(engine.device)
 
     # -- validation ---------------------------------------------------------------------------
     def accept(self, value: bytes | None, headers: list[tuple[str, bytes]] | None, source: object,
