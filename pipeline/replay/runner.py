@@ -19,6 +19,7 @@ from pipeline.redis_store import connect
 from pipeline.replay.inputs import ReplayInput
 from pipeline.replay.replay import Published, SessionFollower, publish_frames
 from pipeline.replay.report import RunSummary, write_report
+from pipeline.site import close_wait_s
 from schemas.events import DefectEvent
 
 log = get_logger(__name__)
@@ -62,6 +63,7 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
                                  kwargs={"keep_loaders": source.reloadable})
     log.info("replay_started", session=session, source=source_desc, speed=speed, alerts=alerts)
     publisher.start()
+    close_wait = close_wait_s(settings.alert)
     bar = tqdm(total=source.total, unit="frame", desc=session, disable=not progress, file=sys.stderr)
     last_seen = time.monotonic()
     try:
@@ -71,7 +73,7 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
             bar.update(follower.accounted - bar.n)
             idle = time.monotonic() - last_seen
             note = _finished(published, follower, idle, stall_timeout_s, first_score_timeout_s, stop,
-                             worker_check)
+                             worker_check, close_wait)
             if note is not None:
                 if note:
                     summary.complete = False
@@ -104,8 +106,10 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
 
 def _finished(published: Published, follower: SessionFollower, idle_s: float, stall_timeout_s: float,
               first_score_timeout_s: float, stop: threading.Event,
-              worker_check: Callable[[], str | None] | None) -> str | None:
-    """None: keep going; "": done and complete; otherwise why the run ends incomplete."""
+              worker_check: Callable[[], str | None] | None, close_wait: float = 0.0) -> str | None:
+    """None: keep going; "": done and complete; otherwise why the run ends incomplete.
+
+    ``close_wait``: how long alerting may take to close the last event once frames stop."""
     if published.error:
         return f"publishing failed: {published.error}"
     if worker_check is not None:
@@ -120,8 +124,10 @@ def _finished(published: Published, follower: SessionFollower, idle_s: float, st
         return "interrupted"
     # The model may still be loading before the first score: allow that longer.
     limit = stall_timeout_s if follower.scores else max(stall_timeout_s, first_score_timeout_s)
+    missing = published.frames - follower.accounted
+    if missing <= 0:
+        limit = max(limit, close_wait)  # only events are left: give alerting its time to close them
     if published.done and idle_s >= limit:
-        missing = published.frames - follower.accounted
         if missing > 0:
             return f"stalled: {missing} frame(s) never scored within {limit:.0f} s (are score workers running?)"
         return f"{follower.open_events} event(s) still open after {limit:.0f} s (is an alert worker running?)"
