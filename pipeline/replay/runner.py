@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from redis.exceptions import RedisError
 from tqdm import tqdm
 
 from pipeline.bus import make_producer
@@ -16,6 +17,7 @@ from pipeline.config import Settings
 from pipeline.delivery.store import ReplayAlerts
 from pipeline.logging import get_logger
 from pipeline.redis_store import connect
+from pipeline.replay.deliveries import await_deliveries
 from pipeline.replay.inputs import ReplayInput
 from pipeline.replay.replay import Published, SessionFollower, publish_frames
 from pipeline.replay.report import RunSummary, write_report
@@ -27,6 +29,8 @@ log = get_logger(__name__)
 # After the last frame is accounted for and no event is open: how long no record of the session
 # may arrive before the run is over (the alert worker may still be opening an event).
 SETTLE_S = 2.0
+# After the run: how long the deliver worker may take to settle the session's deliveries (retries included).
+DELIVERY_WAIT_S = 60.0
 
 
 def new_session(kind: str = "replay") -> str:
@@ -38,11 +42,14 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
                stop: threading.Event | None = None, progress: bool = True,
                first_score_timeout_s: float = 600.0, stall_timeout_s: float = 120.0,
                worker_check: Callable[[], str | None] | None = None,
-               on_event: Callable[[DefectEvent], None] | None = None) -> tuple[RunSummary, Path]:
+               on_event: Callable[[DefectEvent], None] | None = None,
+               delivery_wait_s: float = DELIVERY_WAIT_S) -> tuple[RunSummary, Path]:
     """Replay ``source`` through the deployed workers; returns the summary and the report path.
 
     ``worker_check`` (for embedded workers) returns an error when a worker died, ending the run.
-    Stalls end the run too, with ``complete=False`` and a note saying what was missing.
+    Stalls end the run too, with ``complete=False`` and a note saying what was missing. With
+    ``alerts``, the summary counts what the deliver worker did with the session's events (waiting up to
+    ``delivery_wait_s`` for it once the run is complete).
     """
     stop = stop or threading.Event()
     session = session or new_session()
@@ -79,6 +86,8 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
                     summary.complete = False
                     summary.notes.append(note)
                 break
+        if alerts:
+            _count_deliveries(settings, follower, summary, stop, delivery_wait_s if summary.complete else 0.0)
     finally:
         stop.set()  # ends the publisher if the run ended early
         publisher.join(30)
@@ -102,6 +111,20 @@ def run_replay(settings: Settings, source: ReplayInput, source_desc: str, report
     log.info("replay_finished", session=session, frames=summary.frames_published, scored=summary.frames_scored,
              events=summary.events, complete=summary.complete, report=str(path))
     return summary, path
+
+
+def _count_deliveries(settings: Settings, follower: SessionFollower, summary: RunSummary, stop: threading.Event,
+                      wait_s: float) -> None:
+    try:
+        counts = await_deliveries(settings, follower.transitions, stop, wait_s)
+    except (RedisError, OSError, ValueError) as exc:
+        summary.notes.append(f"deliveries not counted: {type(exc).__name__}: {exc}")
+        return
+    summary.deliveries = counts.as_dict()
+    summary.dead_letter_subscriptions = counts.dead_subscriptions
+    if counts.pending:
+        summary.notes.append(f"{counts.pending} deliveries still pending after {wait_s:.0f} s "
+                             f"(is a deliver worker running?)")
 
 
 def _finished(published: Published, follower: SessionFollower, idle_s: float, stall_timeout_s: float,
