@@ -24,17 +24,18 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TextIO
 
-from kafka import KafkaConsumer, TopicPartition
-
-from pipeline.bus import TOPICS, create_topics, make_consumer, topic_name
-from pipeline.config import Settings
+from pipeline.bus import TOPICS, create_topics, topic_name
+from pipeline.config import AlertSettings, KafkaSettings, Settings
 from pipeline.embedded import _die_with_parent, free_port
 from pipeline.logging import get_logger
 from pipeline.replay.report import event_line
+from pipeline.runtime.envelope import Record, StageResult
+from pipeline.runtime.follow import Follower
 from schemas import DefectEvent, ScoreMessage
 
 log = get_logger(__name__)
@@ -49,6 +50,30 @@ def default_data_dir() -> Path:
     """$XDG_STATE_HOME/linewatch, else ~/.local/state/linewatch."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "linewatch"
+
+
+def close_wait_s(alert: AlertSettings) -> float:
+    """How long after the last frame the last event may take to close: alerting closes it after
+    ``quiet_s`` of capture time, or after ``silence_s`` of wall clock once the camera sends nothing."""
+    return max(alert.quiet_s, alert.silence_s) + 3.0
+
+
+class ResultsFollower(Follower):
+    """The scores and defect events the workers produce from now on, handed to two callbacks."""
+
+    def __init__(self, kafka: KafkaSettings, on_score: Callable[[ScoreMessage], None],
+                 on_event: Callable[[DefectEvent], None]) -> None:
+        self._on_score = on_score
+        self._on_event = on_event
+        super().__init__(kafka, "site-follow", ("scores", "defects"))
+
+    def handle(self, records: Sequence[Record[ScoreMessage | DefectEvent]]) -> StageResult:
+        for rec in records:
+            if isinstance(rec.message, ScoreMessage):
+                self._on_score(rec.message)
+            else:
+                self._on_event(rec.message)
+        return StageResult()
 
 
 class Stopped(Exception):  # noqa: N818 (a request, not an error)
@@ -308,11 +333,11 @@ class Site:
                     base = self.settings.metrics.port
                     self.ports = {n: (base + WORKERS.index(n) if base is not None else free_port())
                                   for n in WORKERS if n != "api"}
-                    consumer = self._results_consumer()
-                    stack.callback(consumer.close)
+                    results = ResultsFollower(self.settings.kafka, self._on_score, self._on_event)
+                    stack.callback(results.close)
                     # After the workers stop (callbacks run last-in first-out): the scores and events
                     # of their last batch, before the broker goes.
-                    stack.callback(self._drain, consumer)
+                    stack.callback(self._drain, results)
                     stack.callback(self.stop_children)
                     self.children["score"] = self.spawn("score", env, [])
                     self.children["alert"] = self.spawn("alert", env, [])
@@ -331,7 +356,7 @@ class Site:
                     self.say(f"workers started: "
                              f"{', '.join(f'{n} (pid {p.pid})' for n, p in self.children.items())}; "
                              f"logs in {self.run_dir}")
-                    code = self._follow(consumer, stats_file, exit_when_done)
+                    code = self._follow(results, stats_file, exit_when_done)
                 except (KeyboardInterrupt, Stopped) as exc:
                     self.say(f"{exc or 'SIGINT'}: stopping workers…")
                     code = 130
@@ -377,34 +402,13 @@ class Site:
         self.say(f"to join this site from another shell (`linewatch subscriptions ...`, `linewatch calibrate`), "
                  f"{how or 'run'}:\n" + "\n".join(f"  {ln}" for ln in lines))
 
-    def _results_consumer(self) -> KafkaConsumer:
-        kafka = self.settings.kafka
-        consumer = make_consumer(kafka, None, [])
-        tps = [TopicPartition(topic_name(kafka, t), p) for t in ("scores", "defects")
-               for p in sorted(consumer.partitions_for_topic(topic_name(kafka, t)) or [])]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        return consumer
-
-    def _poll(self, consumer: KafkaConsumer, timeout_ms: int) -> int:
-        scores_topic = topic_name(self.settings.kafka, "scores")
-        n = 0
-        for tp, records in consumer.poll(timeout_ms=timeout_ms).items():
-            for rec in records:
-                n += 1
-                if tp.topic == scores_topic:
-                    self._on_score(rec.value)
-                else:
-                    self._on_event(rec.value)
-        return n
-
-    def _drain(self, consumer: KafkaConsumer, quiet_s: float = 1.5, max_s: float = 10.0) -> None:
+    def _drain(self, results: ResultsFollower, quiet_s: float = 1.5, max_s: float = 10.0) -> None:
         """Read what the stopped workers produced last, until the topics are quiet."""
         deadline = time.monotonic() + max_s
         quiet_since = time.monotonic()
         with contextlib.suppress(Exception):  # the broker may be gone; the summary then says less
             while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
-                if self._poll(consumer, 300):
+                if results.poll(300):
                     quiet_since = time.monotonic()
         if not self.summary.frames and self.stats_file is not None and self.stats_file.is_file():
             # Stopped before capture finished: capture wrote its counts on the way out.
@@ -412,15 +416,15 @@ class Site:
                 stats = json.loads(self.stats_file.read_text())
                 self.summary.frames = sum(s["published"] for s in stats.values())
 
-    def _follow(self, consumer: KafkaConsumer, stats_file: Path, exit_when_done: bool) -> int:
+    def _follow(self, results: ResultsFollower, stats_file: Path, exit_when_done: bool) -> int:
         captured: int | None = None
         done_since: float | None = None
-        grace = self.settings.alert.quiet_s + 3.0
+        grace = close_wait_s(self.settings.alert)
         next_metrics = time.monotonic() + 5.0
         capture_started = time.monotonic()
         noted_join = False
         while True:
-            self._poll(consumer, 500)
+            results.poll(500)
             problem = self.dead_worker()
             if problem:
                 self.say(problem)
@@ -443,7 +447,7 @@ class Site:
             handled = len(self.summary.scored) + self.summary.stale + self.summary.rejected
             if handled >= captured:
                 done_since = done_since or time.monotonic()
-                # Let alerting close the last event after its quiet period.
+                # Let alerting close the last event (by quiet period, or by silence once frames stop).
                 if time.monotonic() - done_since > grace:
                     return 0
 
@@ -453,8 +457,7 @@ class Site:
             return replay_session == self.replay_session
         return replay_session is None and ts >= self.started - 1.0
 
-    def _on_score(self, value: bytes) -> None:
-        msg = ScoreMessage.model_validate_json(value)
+    def _on_score(self, msg: ScoreMessage) -> None:
         if not self._mine(msg.frame.replay_session, msg.frame.capture_ts):
             return
         key = (msg.frame.camera_id, msg.frame.seq)
@@ -467,8 +470,7 @@ class Site:
         self.summary.first_score_ts = min(ts, self.summary.first_score_ts or ts)
         self.summary.last_score_ts = max(ts, self.summary.last_score_ts or ts)
 
-    def _on_event(self, value: bytes) -> None:
-        ev = DefectEvent.model_validate_json(value)
+    def _on_event(self, ev: DefectEvent) -> None:
         if not self._mine(ev.replay_session, ev.last_ts):
             return
         self.summary.event_ids.add(ev.event_id)

@@ -11,7 +11,6 @@ from prometheus_client import REGISTRY
 from pipeline.bus import (
     DLQ_HEADER_KEY,
     TOPICS,
-    DroppingPublisher,
     commit_offsets,
     create_topics,
     lag,
@@ -21,6 +20,7 @@ from pipeline.bus import (
     read_dead_letter,
     send_dead_letter,
 )
+from pipeline.capture.publisher import DroppingPublisher
 from pipeline.config import KafkaSettings
 from pipeline.embedded import EmbeddedBroker, free_port
 from schemas import FrameHeader

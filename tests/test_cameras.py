@@ -30,11 +30,12 @@ import uvicorn
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.api.app import create_app
-from pipeline.bus import DroppingPublisher, create_topics, topic_name
+from pipeline.bus import create_topics, topic_name
 from pipeline.cameras.health import HealthStore
 from pipeline.cameras.leases import LeaseManager
 from pipeline.cameras.overview import CameraAdmin
 from pipeline.cameras.registry import CameraExistsError, CameraNotFoundError, CameraRegistry
+from pipeline.capture.publisher import DroppingPublisher
 from pipeline.cli import main
 from pipeline.config import (
     ApiSettings,

@@ -13,7 +13,8 @@ import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from pipeline.bus import DroppingPublisher, create_topics, make_consumer
+from pipeline.bus import create_topics, make_consumer
+from pipeline.capture.publisher import DroppingPublisher
 from pipeline.capture.sources import natural_key
 from pipeline.capture.stage import CaptureStage, resize_to_width
 from pipeline.config import CameraConfig, CaptureSettings, KafkaSettings, Settings

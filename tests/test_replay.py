@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 import redis
 
 from pipeline.cli import main
+from pipeline.cli.replay_cmds import _print_summary
 from pipeline.config import AlertSettings, DeliverSettings, KafkaSettings, RedisSettings, Settings
 from pipeline.delivery.store import SubscriptionStore
 from pipeline.imaging import encode_jpeg, read_image
@@ -168,6 +172,59 @@ def test_replay_events_stay_out_of_live_subscriptions(settings: Settings, worker
     sessions = {body["event"]["replay_session"] for body in rx.accepted.values()}
     assert sessions == {loud.session}
     assert len(rx.accepted) == loud.events
+
+
+def test_replay_with_alerts_summarises_deliveries_and_dead_letters(
+        settings: Settings, workers: None, tmp_path: Path, images: list[np.ndarray], redis_client: redis.Redis,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rec = record(tmp_path / "rec", "cam-1", images[:2], [T0, T0 + 0.2])
+    store = SubscriptionStore(redis_client, settings.redis.key_prefix)
+    with WebhookReceiver(SECRET) as rx, WebhookReceiver(SECRET, default=500) as down, \
+            Background(run_deliver, settings):
+        store.add(Subscription.model_validate({"id": "ok", "channel": {"type": "webhook", "url": rx.url,
+                                                                       "secret": SECRET}}))
+        store.add(Subscription.model_validate({"id": "down", "channel": {
+            "type": "webhook", "url": down.url, "secret": SECRET, "max_attempts": 1}}))
+        summary, report = run_replay(settings, open_input(rec, Labels()), str(rec), tmp_path / "r", speed=None,
+                                     alerts=True, progress=False)
+    assert summary.complete, summary.notes
+    assert summary.events >= 1 and len(rx.accepted) >= 1
+    # Each message the subscriptions want: delivered to "ok", dead-lettered at "down", none left pending.
+    assert summary.deliveries == {"delivered": len(rx.accepted), "dead_lettered": len(rx.accepted),
+                                  "coalesced": 0, "pending": 0}
+    assert summary.dead_letter_subscriptions == ["down"] and down.requests
+    assert json.loads(report.read_text())["deliveries"] == summary.deliveries
+    _print_summary(summary, report)
+    out = capsys.readouterr().out
+    assert f"deliveries: delivered={len(rx.accepted)} dead-lettered={len(rx.accepted)}" in out
+    assert "`linewatch subscriptions dead-letters down`" in out
+
+
+def test_replay_cli_embedded_with_alerts_runs_a_deliver_worker(redis_settings: RedisSettings, tmp_path: Path,
+                                                                images: list[np.ndarray],
+                                                                redis_client: redis.Redis) -> None:
+    rec = record(tmp_path / "rec", "cam-1", images[:2], [T0, T0 + 0.2])
+    store = SubscriptionStore(redis_client, redis_settings.key_prefix)
+    cfg = tmp_path / "replay.yaml"
+    # No broker configured: the command brings up its own, with score, alert and (--alerts) deliver workers.
+    cfg.write_text(
+        "engine: {backbone: ViT-S-32, pretrained: random, precision: fp32}\n"
+        "alert: {quiet_s: 0.5, silence_s: 1.0, k: 1, n: 1, default_threshold: 0.0, min_region_area: 0}\n"
+        f"redis: {{url: '{redis_settings.url}', key_prefix: '{redis_settings.key_prefix}'}}\n"
+        "deliver: {allow_private_networks: true, reload_s: 0.2}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}
+    with WebhookReceiver(SECRET) as rx:
+        store.add(Subscription.model_validate({"id": "ok", "channel": {"type": "webhook", "url": rx.url,
+                                                                       "secret": SECRET}}))
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--config", str(cfg), "replay", str(rec),
+                               "--alerts", "--speed", "max", "--no-progress", "--report", str(tmp_path / "r"),
+                               "--run-dir", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=300, env=env)
+    logs = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in (tmp_path / "run").glob("*.log"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+    assert "embedded workers: score, alert, deliver" in proc.stdout
+    assert len(rx.accepted) >= 1, proc.stdout + logs
+    assert f"deliveries: delivered={len(rx.accepted)} dead-lettered=0 coalesced=0 pending=0" in proc.stdout
 
 
 def test_replay_without_workers_reports_a_stall(settings: Settings, tmp_path: Path,

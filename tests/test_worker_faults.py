@@ -255,7 +255,7 @@ def test_scores_for_the_alert_worker_are_topic_partition_indexed(kafka_settings:
 
 # -- capture publisher ----------------------------------------------------------------------------------
 def test_publisher_rebuilds_a_producer_that_stays_broken_after_a_broker_restart(tmp_path: Path) -> None:
-    from pipeline.bus import DroppingPublisher
+    from pipeline.capture.publisher import DroppingPublisher
     from pipeline.embedded import EmbeddedBroker
 
     port = free_port()

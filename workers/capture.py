@@ -17,10 +17,11 @@ import redis
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from pipeline.bus import DroppingPublisher, create_topics, make_producer, topic_name
+from pipeline.bus import create_topics, make_producer, topic_name
 from pipeline.cameras.health import CameraHealth, DarkWatch, HealthStore, forget_metrics
 from pipeline.cameras.leases import Lease, LeaseManager, WorkerDirectory
 from pipeline.cameras.registry import CameraRegistry
+from pipeline.capture.publisher import DroppingPublisher
 from pipeline.capture.sources import LiveSource
 from pipeline.capture.stage import CaptureStage, CaptureStats
 from pipeline.config import CameraConfig, Settings

@@ -27,7 +27,7 @@ from schemas.frames import CAMERA_ID_PATTERN
 from schemas.labels import LabelValue
 
 if TYPE_CHECKING:
-    from pipeline.api.app import Context
+    from pipeline.api.context import Context
 
 EventId = Annotated[str, PathParam(pattern=EVENT_ID_PATTERN)]
 CameraId = Annotated[str, PathParam(pattern=CAMERA_ID_PATTERN, max_length=128)]

@@ -20,7 +20,8 @@ from schemas.frames import FrameHeader
 
 
 class FramePublisher(Protocol):
-    """What the stage needs from `pipeline.bus.DroppingPublisher`: a non-blocking offer."""
+    """What the stage needs from its publisher (`pipeline.capture.publisher.DroppingPublisher`, or
+    `pipeline.recording.from_camera.RecorderPublisher`): a non-blocking offer."""
 
     def offer(self, camera_id: str, value: bytes, headers: list[tuple[str, bytes]]) -> bool | None: ...
 
@@ -74,6 +75,7 @@ class CaptureStage:
         replay_session: str | None = None,
         seq_start: int | None = None,
         on_frame: Callable[[float], None] | None = None,
+        live: bool | None = None,
     ) -> None:
         self.camera = camera
         self.settings = capture_settings
@@ -84,12 +86,14 @@ class CaptureStage:
         self.seq = seq_start
         # Health tracking (managed capture): called with the capture time of every frame read.
         self.on_frame = on_frame
+        # Live capture stamps a recorded folder with the present; a replay or a recording keeps its
+        # recorded times. None: live unless replaying.
+        self.live = replay_session is None if live is None else live
         self.source: FrameSource | None = None
         self._log = get_logger(__name__).bind(camera=camera.id)
 
     def open(self, stop: threading.Event) -> FrameSource:
-        # Live capture stamps a recorded folder with the present; a replay keeps its recorded times.
-        return open_source(self.camera, self.settings, stop, live=self.replay_session is None)
+        return open_source(self.camera, self.settings, stop, live=self.live)
 
     def run(self, stop: threading.Event, max_frames: int | None = None) -> CaptureStats:
         """Capture until the source ends, ``stop`` is set, or ``max_frames`` were captured.

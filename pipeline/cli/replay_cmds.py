@@ -42,6 +42,15 @@ def _print_summary(summary: RunSummary, report: Path) -> None:
     _say(f"{summary.kind} {summary.session}: frames={summary.frames_published} scored={summary.frames_scored} "
          f"rejected={summary.frames_rejected} events={summary.events} span={summary.span_s:.1f}s "
          f"published_in={summary.publish_s:.1f}s wall={summary.wall_s:.1f}s")
+    d = summary.deliveries
+    if d is not None and any(d.values()):
+        dead = ", ".join(f"`linewatch subscriptions dead-letters {sub}`" for sub in summary.dead_letter_subscriptions)
+        _say(f"  deliveries: delivered={d.get('delivered', 0)} dead-lettered={d.get('dead_lettered', 0)} "
+             f"coalesced={d.get('coalesced', 0)} pending={d.get('pending', 0)}" + (f"; see {dead}" if dead else ""))
+    elif d is not None:
+        _say("  deliveries: none (no subscription matched this replay's events, or none configured)")
+    elif summary.kind == "replay":
+        _say("  deliveries: none (a replay's events reach subscriptions only with --alerts)")
     for note in summary.notes:
         _say(f"  note: {note}")
     _say(f"report: {report} (scores.csv, events/*.jpg)")
@@ -83,9 +92,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
             site.warn_random_weights()
             env = site.start_infrastructure(stack)
             stack.callback(site.stop_children)
-            for name in ("score", "alert"):
+            # A deliver worker too when the events may reach subscriptions.
+            names = ("score", "alert", "deliver") if args.alerts else ("score", "alert")
+            for name in names:
                 site.children[name] = site.spawn(name, env, [])
-            _say(f"embedded workers: score, alert; logs in {site.run_dir}")
+            _say(f"embedded workers: {', '.join(names)}; logs in {site.run_dir}")
             worker_check = site.dead_worker
         _say(f"replaying {args.path} as {session} at {'max' if args.speed is None else f'{args.speed:g}x'} speed"
              + (" (alerts reach subscriptions)" if args.alerts else ""))

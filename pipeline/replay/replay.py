@@ -22,7 +22,7 @@ from pipeline.config import KafkaSettings
 from pipeline.logging import get_logger
 from pipeline.replay.inputs import ReplayFrame, ReplayInput
 from pipeline.runtime.envelope import Envelope, Record, StageResult
-from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
+from pipeline.runtime.follow import Follower
 from schemas.events import DefectEvent
 from schemas.frames import FrameHeader
 from schemas.scores import ScoreMessage
@@ -96,11 +96,10 @@ def publish_frames(source: ReplayInput, producer: KafkaProducer, kafka: KafkaSet
     return result
 
 
-class SessionFollower(Stage):
+class SessionFollower(Follower):
     """Scores, events and dead letters of one replay session, read from where the topics end now.
 
-    A read-only stage on the stream runtime (manual assignment at the end, nothing committed);
-    the replay runner drives it with ``poll``."""
+    A read-only stage on the stream runtime; the replay runner drives it with ``poll``."""
 
     def __init__(self, kafka: KafkaSettings, session: str,
                  on_event: Callable[[DefectEvent], None] | None = None) -> None:
@@ -109,19 +108,15 @@ class SessionFollower(Stage):
         self._topics = {name: topic_name(kafka, name) for name in ("scores", "defects", "dlq")}
         self.scores: dict[tuple[str, int], ScoreMessage] = {}
         self.events: dict[str, DefectEvent] = {}
+        self.transitions: list[DefectEvent] = []  # every open and close message, for the delivery summary
         self.rejected: set[tuple[str, int]] = set()
         self._mine = 0
-        config = RuntimeConfig(name="replay-follow", group_id=None, topics=("scores", "defects", "dlq"),
-                               output_topics=("frames",), start="end", producer=False, max_batch=500)
-        self._runtime = StreamRuntime(kafka, config, self)
-        # Fix the start now, before anything is published: earlier records belong to other runs.
-        self._runtime.start()
+        super().__init__(kafka, "replay-follow", ("scores", "defects", "dlq"), also_create=("frames",))
 
     def poll(self, timeout_ms: int = 200) -> int:
         """Read what arrived; returns how many records of this session."""
-        self._runtime.config.poll_timeout_ms = timeout_ms
         before = self._mine
-        self._runtime.step()
+        super().poll(timeout_ms)
         return self._mine - before
 
     def decode(self, env: Envelope) -> Envelope:
@@ -145,6 +140,7 @@ class SessionFollower(Stage):
                 if event.replay_session != self.session:
                     return 0
                 self.events[event.event_id] = event  # a closing message replaces the opening one
+                self.transitions.append(event)
                 if self._on_event is not None:
                     self._on_event(event)
             else:
@@ -165,5 +161,3 @@ class SessionFollower(Stage):
     def open_events(self) -> int:
         return sum(1 for e in self.events.values() if e.status == "open")
 
-    def close(self) -> None:
-        self._runtime.close()

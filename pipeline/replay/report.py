@@ -38,6 +38,9 @@ class RunSummary:
     speed: float | None = None
     complete: bool = True
     notes: list[str] = field(default_factory=list)
+    # With alerts: outcome -> count of the session's deliveries (delivered, dead_lettered, coalesced, pending).
+    deliveries: dict[str, int] | None = None
+    dead_letter_subscriptions: list[str] = field(default_factory=list)
 
 
 def event_line(ev: DefectEvent) -> str:
