@@ -276,7 +276,14 @@ def test_https_to_a_pinned_address_checks_the_certificate_against_the_url_host(t
                 return
             try:
                 with server_tls.wrap_socket(raw, server_side=True) as conn:
-                    conn.recv(65536)
+                    # Read the whole request (headers, then the 2-byte body) before answering: closing
+                    # with unread data would reset the connection under the client's read.
+                    request = b""
+                    while not (b"\r\n\r\n" in request and request.endswith(b"{}")):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        request += chunk
                     conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
             except (OSError, ssl.SSLError):
                 continue
