@@ -35,7 +35,8 @@ def test_every_section_refuses_unknown_keys() -> None:
     ("enigne: {method: alfa}\n", "enigne: unknown key (did you mean engine?)"),
     ("cameras:\n  - {id: a, product_class: b, source: c}\n  - {id: d, product_class: e, sorce: f}\n",
      "cameras[1].sorce: unknown key (did you mean source?)"),
-    ("api: {zzz: 1}\n", "api.zzz: unknown key (known keys: camera_ttl_s, group_id, host, max_cameras, max_events, port, token)"),
+    ("api: {zzz: 1}\n",
+     "api.zzz: unknown key (known keys: camera_ttl_s, group_id, host, max_cameras, max_events, port, token)"),
     ("alert: {k: many}\n", "alert.k: Input should be a valid integer"),
 ])
 def test_errors_are_one_line_naming_file_and_key(tmp_path: Path, yaml_text: str, expected: str) -> None:

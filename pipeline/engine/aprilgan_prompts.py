@@ -8,15 +8,10 @@ variants, not WinCLIP's). The order is part of the parity fixture (``prompts.jso
 
 from __future__ import annotations
 
-NORMAL_STATES: tuple[str, ...] = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
+from pipeline.engine.prompting import NORMAL_STATES as WINCLIP_NORMAL_STATES
+
+# The same normal states as WinCLIP's compositional ensemble; the abnormal states and templates differ.
+NORMAL_STATES: tuple[str, ...] = WINCLIP_NORMAL_STATES
 
 ABNORMAL_STATES: tuple[str, ...] = (
     "damaged {}",
