@@ -23,7 +23,9 @@ browser:
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# setuptools notes every editable install of a flat layout ("Editable installation ... be careful with
+	# folders"); it says nothing about this project, so it is filtered to keep the install quiet.
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 demo: setup
