@@ -20,11 +20,11 @@ browser:
 	  fi; \
 	fi
 
+# setuptools notes every editable install of a flat layout ("Editable installation ... be careful with
+# folders"); it says nothing about this project, so it is filtered to keep the install quiet.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# setuptools notes every editable install of a flat layout ("Editable installation ... be careful with
-	# folders"); it says nothing about this project, so it is filtered to keep the install quiet.
 	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
