@@ -424,6 +424,43 @@ def test_cameras_api(redis_settings: RedisSettings, tmp_path: Path) -> None:
         thread.join(15)
 
 
+def test_dashboard_camera_rows_carry_the_capture_state(redis_settings: RedisSettings, tmp_path: Path) -> None:
+    """/api/v1/cameras (the dashboard's tiles): a registry camera shows what its capture worker reports
+    (dark here), one nobody holds is unassigned, and a replay stays a replay."""
+    from pipeline.api.store import CameraStore
+    from tests.test_api import make_score
+
+    token = "cam-state-token-0123456789"
+    settings = Settings(redis=redis_settings, cameras=[camera("held-cam", tmp_path), camera("free-cam", tmp_path)],
+                        api=ApiSettings(host="127.0.0.1", port=free_port(), token=token))
+    client = redis.Redis.from_url(redis_settings.url)
+    prefix = redis_settings.key_prefix
+    CameraAdmin(settings, client)  # seeds the registry from the YAML
+    lease = LeaseManager(client, prefix, "worker-a", 30.0).acquire("held-cam")
+    assert lease is not None
+    HealthStore(client, prefix).put({"camera_id": "held-cam", "state": "dark", "fps": 0.0, "last_frame_ts": None,
+                                     "reconnects": 3, "worker": "worker-a", "lease_token": lease.token,
+                                     "updated_at": time.time()})
+    store = CameraStore(client, prefix)
+    jpeg = encode_jpeg(np.full((30, 40, 3), 128, np.uint8))
+    for cam, session in (("held-cam", None), ("free-cam", None), ("other-cam", "replay-1")):
+        assert store.put(make_score(cam, session=session), jpeg)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.api.port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, "API server up")
+        rows = httpx.get(f"http://127.0.0.1:{settings.api.port}/api/v1/cameras",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+        states = {r["camera_id"]: r.get("state") for r in rows}
+        assert states == {"held-cam": "dark", "free-cam": "unassigned", "other-cam": None}
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        client.close()
+
+
 class MjpegServer:
     """A multipart/x-mixed-replace JPEG stream on loopback, stopped and restarted on the same port."""
 

@@ -10,14 +10,23 @@ from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from pipeline.api.context import CameraId, Context, image_response
+from pipeline.cameras.overview import CameraAdmin
 
 
 def live_router(ctx: Context, heartbeat_s: float) -> APIRouter:
     router = APIRouter()
+    admin = CameraAdmin(ctx.settings, ctx.client, seed=False)  # read-only: registry, leases, health
 
     @router.get("/cameras")
     def cameras() -> list[dict[str, Any]]:
-        return ctx.cameras.all()
+        """Latest scored frame per camera; live cameras of the registry also carry their capture state
+        (live, reconnecting, dark, ended, unassigned) as the capture workers report it."""
+        states = {row["id"]: row["state"] for row in admin.rows()}
+        rows = ctx.cameras.all()
+        for row in rows:
+            if row.get("replay_session") is None and row.get("camera_id") in states:
+                row["state"] = states[row["camera_id"]]
+        return rows
 
     @router.get("/cameras/{camera_id}/latest.jpg")
     def camera_latest(camera_id: CameraId) -> Response:
