@@ -362,8 +362,9 @@ def max_gap(times: list[float], after: float) -> float:
 
 
 # -- scenario 1: a scorer SIGKILLed mid-batch while another runs -------------------------------------
-def scenario_scorer_kill(small: bool = True, keep_logs: Path | None = None) -> Row:
-    cameras, per_camera = (3, 12) if small else (4, 60)
+def scenario_scorer_kill(small: bool = True, keep_logs: Path | None = None,
+                         size: tuple[int, int] | None = None) -> Row:
+    cameras, per_camera = size or ((3, 12) if small else (4, 60))
     row = Row("1 scorer SIGKILL", note=f"{cameras} cams x {per_camera} frames 96x72, 2 scorers + alert")
     # Every frame is anomalous (threshold below any score) and frames come in bursts of 3 on capture
     # time: one event per burst; the last burst of each camera is closed by silence.
@@ -418,8 +419,9 @@ def score_message(camera: str, seq: int, score: float, ts: float) -> ScoreMessag
 _THUMB = encode_jpeg(np.full((24, 32, 3), 90, np.uint8))
 
 
-def scenario_alert_kill(small: bool = True, keep_logs: Path | None = None) -> Row:
-    cameras, cycles = (4, 6) if small else (8, 20)
+def scenario_alert_kill(small: bool = True, keep_logs: Path | None = None,
+                        size: tuple[int, int] | None = None) -> Row:
+    cameras, cycles = size or ((4, 6) if small else (8, 20))
     # One cycle per event: 3 hot scores (k=2 of n=3 opens), then 6 cool ones 0.5 s apart on capture
     # time (quiet_s 1.0 closes it).
     pattern = [0.9, 0.9, 0.9] + [0.1] * 6
@@ -479,12 +481,13 @@ def hostile_records(n: int, limit_bytes: int) -> list[tuple[str, tuple[str, byte
     bomb = jpeg_bomb(100_000 // 8, 100_000 // 8, pad_bytes=200_000)
     big = jpeg[:2] + b"\xff\xfe" + bytes(limit_bytes + 4096)  # over scoring.max_frame_bytes
     kinds: list[tuple[str, Callable[[int], tuple[str, bytes, Headers]]]] = [
-        ("bad_image_header", lambda i: ("cam-t", jpeg[: len(jpeg) // 3], h("cam-t", i, **ok))),
+        ("undecodable", lambda i: ("cam-t", jpeg[: len(jpeg) // 3], h("cam-t", i, **ok))),
         ("unknown_format", lambda i: ("cam-u", b"GIF89a" + bytes(64), h("cam-u", i, **ok))),
         ("encoding_mismatch", lambda i: ("cam-p", png, h("cam-p", i, **ok))),
         ("oversized", lambda i: ("cam-big", big, h("cam-big", i, **ok))),
         ("oversized", lambda i: ("cam-bomb", bomb, h("cam-bomb", i, width=64, height=48))),
-        ("oversized", lambda i: ("cam-dim", jpeg, h("cam-dim", i, width=100_000, height=100_000))),
+        # Beyond the header schema's bounds: refused as a bad header before any size arithmetic.
+        ("bad_header", lambda i: ("cam-dim", jpeg, h("cam-dim", i, width=100_000, height=100_000))),
         ("bad_header", lambda i: ("cam-m", jpeg, [])),
         ("bad_header", lambda i: ("cam-j", jpeg, [(FRAME_HEADER_KEY, b"{not json")])),
         ("bad_header", lambda i: ("cam-8", jpeg, [(FRAME_HEADER_KEY, b"\xff\xfe\x00garbage")])),
@@ -504,8 +507,9 @@ def hostile_records(n: int, limit_bytes: int) -> list[tuple[str, tuple[str, byte
     return [(kinds[i % len(kinds)][0], kinds[i % len(kinds)][1](i)) for i in range(n)]
 
 
-def scenario_hostile(small: bool = True, keep_logs: Path | None = None) -> Row:
-    n_hostile, n_valid = (200, 50) if small else (2000, 500)
+def scenario_hostile(small: bool = True, keep_logs: Path | None = None,
+                     size: tuple[int, int] | None = None) -> Row:
+    n_hostile, n_valid = size or ((200, 50) if small else (2000, 500))
     limit = 1024 * 1024
     row = Row("7 hostile input", note=f"{n_hostile} hostile + {n_valid} valid 96x72; 'oversized payload' is "
               f"{limit // 1024 + 4} KB over a 1 MB scoring.max_frame_bytes (stands for 20 MB over 8 MB)")
