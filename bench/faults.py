@@ -570,10 +570,134 @@ def scenario_hostile(small: bool = True, keep_logs: Path | None = None,
     return row
 
 
+# -- paced live frames -----------------------------------------------------------------------------
+class Pacer:
+    """Live frames from ``cameras`` in bursts of 3 (0.2 s apart, a 2 s pause between bursts), stamped
+    with the real capture time, until stopped; with every frame anomalous each burst is one event."""
+
+    def __init__(self, r: Rig, cameras: int) -> None:
+        self.r, self.cameras = r, cameras
+        self.sent: set[tuple[str, int]] = set()
+        self.bursts = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.jpegs = [encode_jpeg(image(96, 72, s)) for s in range(4)]
+
+    def _run(self) -> None:
+        producer = make_producer(self.r.kafka)
+        seq = 0
+        while not self.stop.is_set():
+            for i in range(3):
+                for c in range(self.cameras):
+                    cam = f"cam-{c}"
+                    producer.send(self.r.kafka.topic("frames"), key=cam.encode(), value=self.jpegs[(seq + c) % 4],
+                                  headers=frame_headers(cam, seq, 96, 72, capture_ts=time.time()))
+                    self.sent.add((cam, seq))
+                producer.flush()
+                seq += 1
+                time.sleep(0.2 if i < 2 else 2.0)
+            self.bursts += 1
+        producer.close()
+
+    def __enter__(self) -> Pacer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def scored_keys(r: Rig) -> set[tuple[str, int]]:
+    return {(m.frame.camera_id, m.frame.seq) for m in r.scores()}
+
+
+# -- scenario 3: every scorer down, then back ------------------------------------------------------
+def scenario_scorers_down(small: bool = True, keep_logs: Path | None = None) -> Row:
+    cameras, down_s, staleness = (2, 15.0, 8.0) if small else (2, 30.0, 10.0)
+    row = Row("3 scorers down", note=f"{cameras} live cams ~1.2 fps each, scorer down {down_s:.0f} s "
+              f"(+ its model load), staleness_s {staleness:.0f}")
+    with rig(keep_logs, LINEWATCH_SCORING__STALENESS_S=str(staleness)) as r:
+        first = r.start("score", ["score"])
+        with Pacer(r, cameras) as pacer:
+            wait_until(lambda: len(r.read("scores")) >= 4 or not r.alive(first), "the first scores", 300)
+            r.stop(first)
+            down_at = time.time()
+            time.sleep(down_s)
+            second = r.start("score", ["score"])
+
+            def fresh_score() -> bool:
+                return any(m.scored_ts > down_at and m.scored_ts - m.frame.capture_ts < staleness
+                           and m.frame.capture_ts > down_at + down_s for m in r.scores())
+
+            wait_until(lambda: fresh_score() or not r.alive(second), "a fresh frame scored after the restart", 300)
+            row.recovery_s = min(m.scored_ts for m in r.scores() if m.frame.capture_ts > down_at + down_s
+                                 and m.scored_ts > down_at) - (down_at + down_s)
+            time.sleep(6.0)
+        time.sleep(staleness + 4)
+        code = r.stop(second)
+        stale = sum(int(e.get("stale", 0)) for w in r.workers for e in r.log_events(w, "score_worker_stopped"))
+        frame_accounting(row, pacer.sent, r.scores())
+        row.frames_lost = (row.frames_lost or 0) - stale  # skipped as stale and counted: shed, not lost
+        row.extra["stale_skipped"] = stale
+        late = [m.scored_ts - m.frame.capture_ts for m in r.scores() if m.frame.capture_ts > down_at + down_s + 30]
+        if late:
+            row.extra["age_at_score_after_recovery_p95_s"] = round(float(np.percentile(late, 95)), 1)
+        if code != 0:
+            row.problems.append(f"scorer did not stop cleanly ({code})")
+        if stale == 0:
+            row.problems.append("no frame was skipped as stale: the outage did not reach the staleness limit")
+        if row.frames_lost:
+            row.problems.append(f"{row.frames_lost} frames neither scored nor counted as stale")
+        row.peak_rss_mb = r.peaks()
+    return row
+
+
+# -- scenario 4: Redis killed and restarted mid-stream ----------------------------------------------
+def scenario_redis_restart(small: bool = True, keep_logs: Path | None = None) -> Row:
+    cameras, run_s, down_s = (2, 30.0, 5.0) if small else (3, 90.0, 20.0)
+    row = Row("4 Redis restart", note=f"{cameras} live cams ~1.2 fps, Redis down {down_s:.0f} s, back empty; "
+              "scorer + alert")
+    with rig(keep_logs, LINEWATCH_ALERT__DEFAULT_THRESHOLD="-1.0", LINEWATCH_ALERT__K="2",
+             LINEWATCH_ALERT__N="3", LINEWATCH_ALERT__QUIET_S="1.0", LINEWATCH_ALERT__SILENCE_S="30.0",
+             LINEWATCH_SCORING__STALENESS_S="null") as r:
+        scorer = r.start("score", ["score"])
+        alert = r.start("alert", ["alert"])
+        with Pacer(r, cameras) as pacer:
+            wait_until(lambda: len(r.read("scores")) >= 4 or not r.alive(scorer), "the first scores", 300)
+            time.sleep(run_s / 2)
+            killed_at = time.time()
+            r.restart_redis(down_s)
+            time.sleep(run_s / 2)
+        sent = set(pacer.sent)
+        n_events = pacer.bursts * cameras
+        # The last burst may have been cut short: it is still one event per camera.
+        if any(seq % 3 for _, seq in sent):
+            n_events = len({seq // 3 for _, seq in sent}) * cameras
+        try:
+            wait_until(lambda: sent <= scored_keys(r), "every frame scored", 300)
+            wait_until(lambda: len({e.event_id for e in r.events() if e.status == "closed"}) >= n_events,
+                       "every event closed", 120)
+        except TimeoutError as exc:
+            row.problems.append(str(exc))
+        row.recovery_s = max_gap([m.scored_ts for m in r.scores()], killed_at)
+        frame_accounting(row, sent, r.scores())
+        event_accounting(row, n_events, r.events())
+        for w in (scorer, alert):
+            if not r.alive(w):
+                row.problems.append(f"{w.name} died: {r.tail(w, 300)}")
+            elif r.stop(w) != 0:
+                row.problems.append(f"{w.name} did not stop cleanly")
+        row.peak_rss_mb = r.peaks()
+    return row
+
+
 SCENARIOS: dict[str, Callable[..., Row]] = {
     "scorer_kill": scenario_scorer_kill,
     "alert_kill": scenario_alert_kill,
     "hostile": scenario_hostile,
+    "scorers_down": scenario_scorers_down,
+    "redis_restart": scenario_redis_restart,
 }
 
 
