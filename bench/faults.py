@@ -227,6 +227,11 @@ class Rig:
             out[w.name] = max(out.get(w.name, 0.0), w.peak_mb)
         return out
 
+    def settings_redis(self) -> Any:
+        from pipeline.config import RedisSettings
+
+        return RedisSettings(url=self.redis.url, key_prefix=self.prefix)
+
     def restart_redis(self, down_s: float) -> None:
         self.redis.stop()
         time.sleep(down_s)
@@ -692,12 +697,104 @@ def scenario_redis_restart(small: bool = True, keep_logs: Path | None = None) ->
     return row
 
 
+# -- scenario 6: a webhook subscriber down, then slow, beside a healthy one ------------------------
+def scenario_webhook_outage(small: bool = True, keep_logs: Path | None = None) -> Row:
+    from pipeline.delivery.filters import delivery_id
+    from pipeline.delivery.store import DeliveryLedger, SubscriptionStore
+    from pipeline.redis_store import connect
+    from tests.test_deliver import event, webhook
+    from tests.webhook_receiver import WebhookReceiver
+
+    down_s, slow_s, delay_s, rate = (20.0, 15.0, 2.0, 1.0) if small else (60.0, 30.0, 5.0, 1.0)
+    row = Row("6 webhook outage", note=f"subscriber down {down_s:.0f} s (connection refused), then {delay_s:.0f} s "
+              f"per request for {slow_s:.0f} s, beside a healthy one; {rate:.0f} event/s")
+    secret = "faults-webhook-secret-0123"
+    with rig(keep_logs, LINEWATCH_DELIVER__ALLOW_PRIVATE_NETWORKS="true") as r, \
+            WebhookReceiver(secret) as healthy:
+        bad_port = free_port()
+        client = connect(r.settings_redis())
+        store = SubscriptionStore(client, r.prefix)
+        channel = {"secret": secret, "timeout_s": 3.0 + delay_s, "max_attempts": 3, "backoff_initial_s": 0.5,
+                   "backoff_max_s": 2.0}
+        store.add(webhook("healthy", healthy.url, channel=channel))
+        store.add(webhook("flaky", f"http://127.0.0.1:{bad_port}/hook", channel=channel))
+        deliver = r.start("deliver", ["deliver"])
+        producer = make_producer(r.kafka)
+        published: dict[str, float] = {}
+        events = []
+
+        def emit(n: int) -> None:
+            for _ in range(n):
+                ev = event(f"cam-{len(events) % 3}", first_seq=len(events) * 10, ts=time.time())
+                events.append(ev)
+                producer.send(r.kafka.topic("defects"), key=ev.camera_id.encode(), value=ev.model_dump_json().encode())
+                producer.flush()
+                published[delivery_id(ev)] = time.time()
+                time.sleep(1.0 / rate)
+
+        emit(int(down_s * rate))
+        bad = WebhookReceiver(secret, port=bad_port).__enter__()
+        try:
+            bad.delay_s = delay_s
+            back_at = time.time()
+            emit(int(slow_s * rate))
+            bad.delay_s = 0.0
+            keys = {delivery_id(ev) for ev in events}
+            ledger = DeliveryLedger(client, r.prefix)
+
+            def settled() -> bool:
+                dead = {d.delivery_id for d in ledger.dead("flaky")}
+                return keys <= set(healthy.accepted_keys) and keys <= set(bad.accepted_keys) | dead
+
+            try:
+                wait_until(settled, "every event delivered to the healthy one, delivered or dead-lettered to the "
+                           "flaky one", 300)
+            except TimeoutError as exc:
+                row.problems.append(str(exc))
+            dead = {d.delivery_id for d in ledger.dead("flaky")}
+            row.deliveries_expected = 2 * len(keys)
+            row.deliveries_made = len(set(healthy.accepted_keys) & keys) + len(set(bad.accepted_keys) & keys)
+            row.dead_lettered = len(dead)
+            lat = [healthy_at - published[k] for k, healthy_at in arrivals(healthy) if k in published]
+            if lat:
+                row.extra["healthy_delay_p50_s"] = round(float(np.percentile(lat, 50)), 2)
+                row.extra["healthy_delay_max_s"] = round(max(lat), 2)
+            before = len(set(bad.accepted_keys))
+            # Redrive the dead letters once through the CLI, as an operator would.
+            proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "subscriptions", "redrive", "flaky"],
+                                  env=r.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            row.extra["redrive"] = (proc.stdout.strip().splitlines() or ["?"])[0]
+            row.extra["redelivered"] = len(set(bad.accepted_keys)) - before
+            row.deliveries_made = len(set(healthy.accepted_keys) & keys) + len(set(bad.accepted_keys) & keys)
+            if not keys <= set(bad.accepted_keys):
+                row.problems.append(f"{len(keys - set(bad.accepted_keys))} events never reached the flaky one "
+                                    f"after the redrive")
+            if healthy.duplicates or bad.duplicates:
+                row.problems.append(f"duplicate deliveries: healthy {healthy.duplicates}, flaky {bad.duplicates}")
+            row.extra["flaky_back_after_s"] = round(back_at - min(published.values()), 1)
+        finally:
+            bad.__exit__(None, None, None)
+        producer.close()
+        if not r.alive(deliver):
+            row.problems.append(f"deliver died: {r.tail(deliver, 300)}")
+        r.stop(deliver)
+        client.close()
+        row.peak_rss_mb = r.peaks()
+    return row
+
+
+def arrivals(rx: Any) -> list[tuple[str, float]]:
+    """(delivery key, arrival time) of each accepted request, in order."""
+    return [(req.key, req.at) for req in rx.requests if req.signature_ok and 200 <= req.status < 300 and req.key]
+
+
 SCENARIOS: dict[str, Callable[..., Row]] = {
     "scorer_kill": scenario_scorer_kill,
     "alert_kill": scenario_alert_kill,
     "hostile": scenario_hostile,
     "scorers_down": scenario_scorers_down,
     "redis_restart": scenario_redis_restart,
+    "webhook_outage": scenario_webhook_outage,
 }
 
 
