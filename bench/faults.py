@@ -788,12 +788,79 @@ def arrivals(rx: Any) -> list[tuple[str, float]]:
     return [(req.key, req.at) for req in rx.requests if req.signature_ok and 200 <= req.status < 300 and req.key]
 
 
+# -- scenario 5: the broker down under the capture workers ------------------------------------------
+def scenario_broker_down(small: bool = True, keep_logs: Path | None = None) -> Row:
+    """tansu restarted on the same port. Where tansu's memory storage differs from Apache Kafka: a
+    restarted tansu has lost every topic, record and committed group offset (Kafka keeps its log and
+    the __consumer_offsets topic on disk, so topics and offsets survive a broker restart). The rig
+    re-creates the topics after the restart, as they would still exist on Kafka; frames published
+    before the outage are then gone from tansu and are counted from the capture worker's own stats."""
+    cameras, fps, down_s, run_s = (2, 5.0, 10.0, 10.0) if small else (4, 5.0, 30.0, 20.0)
+    row = Row("5 broker down", note=f"{cameras} looping cams x {fps:.0f} fps 96x72 under capture, tansu down "
+              f"{down_s:.0f} s, restarted empty on the same port (topics re-created), max_buffered_frames 64")
+    with tempfile.TemporaryDirectory() as tmp, rig(keep_logs) as r:
+        folder = Path(tmp) / "frames"
+        folder.mkdir()
+        for s in range(4):
+            (folder / f"f{s}.jpg").write_bytes(encode_jpeg(image(96, 72, s)))
+        cfg = Path(tmp) / "site.yaml"
+        cfg.write_text("cameras:\n" + "".join(
+            f"  - {{id: cam-{c}, product_class: ball_screw, source: '{folder}', fps: {fps}, loop: true}}\n"
+            for c in range(cameras)))
+        capture = r.start("capture", ["capture"], LINEWATCH_CONFIG=str(cfg))
+        wait_until(lambda: len(r.read("frames")) >= 10 or not r.alive(capture), "frames from the capture worker", 120)
+        time.sleep(run_s / 2)
+        port = r.broker.port
+        before = len(r.read("frames"))
+        r.broker.stop()
+        down_at = time.time()
+        time.sleep(down_s)
+        r.broker = EmbeddedBroker(port=port).start()
+        back_at = time.time()
+        create_topics(r.kafka)
+
+        def resumed() -> int:
+            try:
+                return len(r.read("frames"))
+            except Exception:  # the broker is still electing/creating: try again
+                return 0
+
+        wait_until(lambda: resumed() >= 5 or not r.alive(capture), "publishing to resume by itself", 120)
+        row.recovery_s = time.time() - back_at
+        time.sleep(run_s / 2)
+        code = r.stop(capture)
+        after = len(r.read("frames"))
+        finished = r.log_events(capture, "capture_finished")
+        closed = r.log_events(capture, "publisher_closed")
+        captured = sum(int(e.get("captured") or 0) for e in finished)
+        published = sum(sum(e.get("published", {}).values()) for e in closed)
+        dropped = sum(sum(e.get("dropped", {}).values()) for e in closed)
+        stats = finished and closed
+        row.frames_sent = captured
+        row.extra.update({"published": published, "dropped_oldest": dropped, "in_topic_before": before,
+                          "in_topic_after_restart": after, "down_s": round(back_at - down_at, 1)})
+        if not stats:
+            row.problems.append(f"no capture stats (exit {code}): {r.tail(capture, 300)}")
+        elif captured != published + dropped:
+            row.problems.append(f"captured {captured} != published {published} + dropped {dropped}")
+            row.frames_lost = captured - published - dropped
+        else:
+            row.frames_lost = 0
+        if dropped == 0:
+            row.problems.append("nothing dropped: the outage did not fill the buffer")
+        if after == 0:
+            row.problems.append("publishing did not resume")
+        row.peak_rss_mb = r.peaks()
+    return row
+
+
 SCENARIOS: dict[str, Callable[..., Row]] = {
     "scorer_kill": scenario_scorer_kill,
     "alert_kill": scenario_alert_kill,
     "hostile": scenario_hostile,
     "scorers_down": scenario_scorers_down,
     "redis_restart": scenario_redis_restart,
+    "broker_down": scenario_broker_down,
     "webhook_outage": scenario_webhook_outage,
 }
 
