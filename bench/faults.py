@@ -854,6 +854,91 @@ def scenario_broker_down(small: bool = True, keep_logs: Path | None = None) -> R
     return row
 
 
+# -- scenario 8: load -------------------------------------------------------------------------------
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def scenario_load(small: bool = True, keep_logs: Path | None = None) -> Row:
+    cameras, fps, duration = (4, 1.0, 30.0) if small else (16, 5.0, 120.0)
+    staleness = 10.0
+    row = Row("8 load", note=f"{cameras} cams x {fps:g} fps of 1920x1080 JPEG for {duration:.0f} s, one scorer "
+              f"(max_batch 8), staleness_s {staleness:.0f}" + (" (REDUCED from 16 x 5 fps x 120 s)" if small else ""))
+    with rig(keep_logs, LINEWATCH_SCORING__STALENESS_S=str(staleness), LINEWATCH_SCORING__MAX_BATCH="8") as r:
+        scorer = r.start("score", ["score"])
+        # A smooth frame with a little texture: ~100-200 KB as JPEG, like a real 1080p camera frame.
+        yy, xx = np.mgrid[0:1080, 0:1920]
+        base = np.stack([(xx // 8) % 256, (yy // 5) % 256, ((xx + yy) // 12) % 256], -1).astype(np.uint8)
+        jpegs = [encode_jpeg(np.clip(base.astype(int) + np.random.default_rng(s).integers(-8, 8, base.shape), 0, 255)
+                             .astype(np.uint8)) for s in range(3)]
+        row.extra["jpeg_kb"] = len(jpegs[0]) // 1024
+        # Wait for the model: a fresh warm-up frame every 5 s (older ones go stale) until one is scored.
+        warm = [0]
+
+        def ready() -> bool:
+            if r.read("scores") or not r.alive(scorer):
+                return True
+            warm[0] += 1
+            if warm[0] % 10 == 1:
+                r.send([("warm", jpegs[0], frame_headers("warm", warm[0], 1920, 1080))])
+            return False
+
+        wait_until(ready, "the scorer to be ready", 300)
+        producer = make_producer(r.kafka)
+        sent: set[tuple[str, int]] = set()
+        start = time.time()
+        rss_samples: list[float] = []
+        seq = 0
+        while time.time() - start < duration:
+            tick = time.time()
+            for c in range(cameras):
+                cam = f"cam-{c}"
+                producer.send(r.kafka.topic("frames"), key=cam.encode(), value=jpegs[(seq + c) % 3],
+                              headers=frame_headers(cam, seq, 1920, 1080, capture_ts=time.time()))
+                sent.add((cam, seq))
+            seq += 1
+            if seq % max(1, int(fps * 5)) == 0:
+                rss_samples.append(rss_mb(scorer.proc.pid) or 0.0)
+            time.sleep(max(0.0, 1.0 / fps - (time.time() - tick)))
+        producer.flush()
+        producer.close()
+        end = time.time()
+        done_at_end = {(m.frame.camera_id, m.frame.seq) for m in r.scores()} & sent
+        time.sleep(staleness + 5)  # what is left is either scored or skipped as stale by now
+        code = r.stop(scorer)
+        stale = sum(int(e.get("stale", 0)) for e in r.log_events(scorer, "score_worker_stopped"))
+        scores = [m for m in r.scores() if (m.frame.camera_id, m.frame.seq) in sent]
+        frame_accounting(row, sent, scores)
+        # Warm-up frames that went stale while the model loaded are not part of the load.
+        warm_sent = (warm[0] + 9) // 10
+        warm_scored = len({m.frame.seq for m in r.scores() if m.frame.camera_id == "warm"})
+        stale -= max(0, warm_sent - warm_scored)
+        row.frames_lost = (row.frames_lost or 0) - stale
+        lat = [m.scored_ts - m.frame.capture_ts for m in scores]
+        in_window = [m for m in scores if m.scored_ts <= end]
+        row.extra.update({
+            "offered_fps": round(cameras * fps, 1),
+            "scored_fps": round(len(in_window) / max(1e-9, end - start), 2),
+            "stale_skipped": stale,
+            "lag_at_end_frames": len(sent) - len(done_at_end),
+            "capture_to_score_p50_s": round(float(np.percentile(lat, 50)), 2) if lat else None,
+            "capture_to_score_p95_s": round(float(np.percentile(lat, 95)), 2) if lat else None,
+            "scorer_rss_mb_samples": [round(x) for x in rss_samples],
+        })
+        if code != 0:
+            row.problems.append(f"scorer did not stop cleanly ({code})")
+        if row.frames_lost:
+            row.problems.append(f"{row.frames_lost} frames neither scored nor counted as stale")
+        row.peak_rss_mb = r.peaks()
+    return row
+
+
 SCENARIOS: dict[str, Callable[..., Row]] = {
     "scorer_kill": scenario_scorer_kill,
     "alert_kill": scenario_alert_kill,
@@ -862,6 +947,7 @@ SCENARIOS: dict[str, Callable[..., Row]] = {
     "redis_restart": scenario_redis_restart,
     "broker_down": scenario_broker_down,
     "webhook_outage": scenario_webhook_outage,
+    "load": scenario_load,
 }
 
 
