@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,12 +32,14 @@ class Received:
     signature_ok: bool
     signature_error: str | None
     host: str | None = None  # the Host header as received
+    at: float = 0.0  # arrival time (wall clock)
 
 
 class WebhookReceiver:
     def __init__(self, secret: str, port: int = 0, default: int = 200, host: str = "127.0.0.1") -> None:
         self.secret = secret
         self.default = default
+        self.delay_s = 0.0  # seconds each request is held before its answer (a slow subscriber)
         self.gate: threading.Event | None = None
         self.requests: list[Received] = []
         self.accepted: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> body, first acceptance only
@@ -78,6 +81,8 @@ class WebhookReceiver:
             self._script.extend(statuses)
 
     def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         error = None
         try:
             verify(self.secret, handler.headers.get(SIGNATURE_HEADER), body)
@@ -87,7 +92,8 @@ class WebhookReceiver:
         with self._lock:
             status = 401 if error else (self._script.popleft() if self._script else self.default)
             payload = json.loads(body) if body else {}
-            self.requests.append(Received(key, payload, status, error is None, error, handler.headers.get("Host")))
+            self.requests.append(Received(key, payload, status, error is None, error, handler.headers.get("Host"),
+                                          time.time()))
             if 200 <= status < 300 and key is not None:
                 if key in self.accepted:
                     self.duplicates += 1

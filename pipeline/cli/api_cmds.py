@@ -31,7 +31,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     settings = _settings(args)
     api = settings.api
     host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
-    sys.stdout.write(f"dashboard: http://{host}:{api.port}/?token={api.token}  "
+    # The link carries the token only for a person at a terminal: redirected output is a log file.
+    token = api.token if sys.stdout.isatty() else "<api.token>"
+    sys.stdout.write(f"dashboard: http://{host}:{api.port}/?token={token}  "
                      f"(listening on {api.host}:{api.port}; api.host 0.0.0.0 serves other machines)\n")
     sys.stdout.flush()
     # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown); the ingest loop stops after it.
