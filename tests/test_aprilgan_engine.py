@@ -41,7 +41,7 @@ def test_one_backbone_forward_per_frame_zero_and_few_shot(frames: list[np.ndarra
         hook.remove()
     assert calls == [len(frames)]  # one batched forward, no windows, no second pass for the memory
     for frame, r in zip(frames, results, strict=True):
-        assert r.anomaly_map.shape == frame.shape[:2] and r.anomaly_map.dtype == np.float32
+        assert r.frame_map().shape == frame.shape[:2] and r.anomaly_map.dtype == np.float32
         assert 0.0 <= r.image_score <= 1.0 and np.isfinite(r.anomaly_map).all()
 
 

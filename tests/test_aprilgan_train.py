@@ -122,7 +122,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_round_trips(dataset: Path, 
     assert engine.aprilgan is not None and engine.aprilgan.projections.trained
     image = cv2.cvtColor(cv2.imread(str(items[-1].path)), cv2.COLOR_BGR2RGB)
     result_frame = engine.score([image], "widget")[0]
-    assert result_frame.anomaly_map.shape == image.shape[:2] and 0.0 <= result_frame.image_score <= 1.0
+    assert result_frame.frame_map().shape == image.shape[:2] and 0.0 <= result_frame.image_score <= 1.0
 
 
 def test_cli_train_then_eval_with_and_without_projections_and_shots(dataset: Path, tmp_path: Path) -> None:
