@@ -29,7 +29,20 @@ class SubscriptionFilter(BaseModel):
     statuses: list[EventStatus] = Field(default_factory=lambda: ["open"], min_length=1)
 
 
-class WebhookChannel(BaseModel):
+class RetriedChannel(BaseModel):
+    """What every channel that attempts a delivery itself (webhook, MQTT, OPC UA) shares: one
+    attempt's deadline and the retries with exponential backoff (``delivery.attempts.RetryPolicy``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Deadline of one whole attempt (connect, send, answer; for MQTT the PUBACK), not of each read.
+    timeout_s: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    backoff_initial_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+
+
+class WebhookChannel(RetriedChannel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["webhook"] = "webhook"
@@ -37,11 +50,6 @@ class WebhookChannel(BaseModel):
     secret: str = Field(min_length=16, description="HMAC-SHA256 key for X-Linewatch-Signature")
     # How the mask and thumbnail travel: inline base64, links to the API, or left out.
     media: Literal["base64", "url", "none"] = "base64"
-    # Deadline of one whole attempt (connect, send, answer), not of each read.
-    timeout_s: float = Field(default=5.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1, le=50)
-    backoff_initial_s: float = Field(default=0.5, ge=0)
-    backoff_max_s: float = Field(default=30.0, ge=0)
 
 
 class KafkaChannel(BaseModel):
@@ -105,7 +113,7 @@ def _check_topic(template: str, allowed: frozenset[str], what: str) -> str:
     return template
 
 
-class MqttChannel(BaseModel):
+class MqttChannel(RetriedChannel):
     """Publish to an MQTT broker: one message per transition, plus a retained state per camera.
 
     ``url`` is ``mqtt://host:1883/<topic template>`` (``mqtts://`` for TLS, port 8883 by default);
@@ -130,11 +138,6 @@ class MqttChannel(BaseModel):
     key_file: str | None = None
     tls_insecure: bool = False
     keepalive_s: int = Field(default=30, ge=5, le=3600)
-    # One attempt: connect (if needed), publish, PUBACK; all within this.
-    timeout_s: float = Field(default=5.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1, le=50)
-    backoff_initial_s: float = Field(default=0.5, ge=0)
-    backoff_max_s: float = Field(default=30.0, ge=0)
     media: Literal["base64", "url", "none"] = "none"
 
     @model_validator(mode="before")
@@ -193,7 +196,7 @@ class OpcUaNodes(BaseModel):
     count: str | None = None  # an integer type: events opened so far
 
 
-class OpcUaChannel(BaseModel):
+class OpcUaChannel(RetriedChannel):
     """Write nodes on an OPC UA server per transition: reject signal, event id, peak score, count."""
 
     model_config = ConfigDict(extra="forbid")
@@ -214,10 +217,6 @@ class OpcUaChannel(BaseModel):
     # Nodes per camera id; a camera not listed uses its line's nodes.
     cameras: dict[str, OpcUaNodes] = {}
     lines: dict[str, OpcUaNodes] = {}
-    timeout_s: float = Field(default=5.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1, le=50)
-    backoff_initial_s: float = Field(default=0.5, ge=0)
-    backoff_max_s: float = Field(default=30.0, ge=0)
     media: Literal["base64", "url", "none"] = "none"
 
     @model_validator(mode="before")

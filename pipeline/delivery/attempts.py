@@ -11,7 +11,7 @@ from pipeline.delivery.breaker import CIRCUIT_OPEN, CircuitBreaker
 from pipeline.delivery.channels import DeliveryError, Sender
 from pipeline.logging import get_logger
 from pipeline.metrics import DELIVERIES
-from schemas.subscriptions import MqttChannel, Notification, OpcUaChannel, Subscription, WebhookChannel
+from schemas.subscriptions import Notification, RetriedChannel, Subscription
 
 log = get_logger(__name__)
 
@@ -25,7 +25,7 @@ class RetryPolicy:
     @classmethod
     def for_subscription(cls, sub: Subscription) -> RetryPolicy:
         ch = sub.channel
-        if isinstance(ch, WebhookChannel | MqttChannel | OpcUaChannel):
+        if isinstance(ch, RetriedChannel):
             return cls(ch.max_attempts, ch.backoff_initial_s, ch.backoff_max_s)
         return cls()
 
