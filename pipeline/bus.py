@@ -8,7 +8,8 @@ already carries the prefix is used as is, so passing ``kafka.topic("frames")`` i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
@@ -96,6 +97,21 @@ def make_consumer(
     if topics:
         consumer.subscribe([topic_name(kafka, t) for t in topics])
     return consumer
+
+
+def topic_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float,
+                     stop: Callable[[], bool] | None = None) -> list[TopicPartition]:
+    """Every partition of ``topic``, waiting up to ``timeout_s`` for it to appear.
+
+    A topic just created (by the admin client or a producer's auto-create) can show in metadata with
+    no partitions yet, so an empty answer counts as "not there yet". Empty list on timeout or stop.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts or time.monotonic() >= deadline or (stop is not None and stop()):
+            return [TopicPartition(topic, p) for p in sorted(parts or [])]
+        time.sleep(0.1)
 
 
 # -- offsets ------------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
-from pipeline.bus import create_topics, make_producer, topic_name
+from pipeline.bus import create_topics, make_producer, topic_name, topic_partitions
 from pipeline.config import (
     AlertSettings,
     DeliverSettings,
@@ -73,11 +73,10 @@ def read_topic(kafka: KafkaSettings, name: str, min_count: int, timeout_s: float
     consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
     topic = topic_name(kafka, name)
     deadline = time.monotonic() + timeout_s
-    parts = None
-    while parts is None and time.monotonic() < deadline:
-        parts = consumer.partitions_for_topic(topic)
-        time.sleep(0.1) if parts is None else None
-    tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+    tps = topic_partitions(consumer, topic, timeout_s)
+    if not tps:
+        consumer.close()
+        raise TimeoutError(f"topic {topic} has no partitions after {timeout_s} s")
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     records: list = []

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 import redis
 import uvicorn
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
 from pipeline.api.app import create_app
-from pipeline.bus import create_topics, topic_name
+from pipeline.bus import create_topics, topic_name, topic_partitions
 from pipeline.cameras.health import HealthStore
 from pipeline.cameras.leases import LeaseManager
 from pipeline.cameras.overview import CameraAdmin
@@ -99,7 +99,7 @@ class Tail:
         create_topics(kafka, names=(name,))
         self._consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
         topic = topic_name(kafka, name)
-        tps = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or [])]
+        tps = topic_partitions(self._consumer, topic, 10.0)
         assert tps, f"topic {topic} has no partitions"
         self._consumer.assign(tps)
         self._consumer.seek_to_beginning(*tps)

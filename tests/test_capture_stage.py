@@ -10,10 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
-from pipeline.bus import create_topics, make_consumer
+from pipeline.bus import create_topics, make_consumer, topic_partitions
 from pipeline.capture.publisher import DroppingPublisher
 from pipeline.capture.sources import natural_key
 from pipeline.capture.stage import CaptureStage, resize_to_width
@@ -38,7 +37,7 @@ def _consume(kafka: KafkaSettings, expected: int, timeout: float = 15.0) -> list
     consumer = make_consumer(kafka, None, [])
     try:
         topic = kafka.topic("frames")
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        parts = topic_partitions(consumer, topic, 10.0)
         assert parts, f"topic {topic} has no partitions"
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)

@@ -21,9 +21,9 @@ import cv2
 import numpy as np
 import pytest
 import redis
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
-from pipeline.bus import create_topics, make_producer, topic_name
+from pipeline.bus import create_topics, make_producer, topic_name, topic_partitions
 from pipeline.config import (
     AlertSettings,
     EngineSettings,
@@ -83,11 +83,8 @@ class TopicReader:
     def __init__(self, kafka: KafkaSettings, name: str) -> None:
         self.consumer = KafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
         topic = topic_name(kafka, name)
-        deadline = time.monotonic() + 20
-        while (parts := self.consumer.partitions_for_topic(topic)) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert parts, f"topic {topic} not found"
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = topic_partitions(self.consumer, topic, 20.0)
+        assert tps, f"topic {topic} not found"
         self.consumer.assign(tps)
         self.consumer.seek_to_beginning(*tps)
         self.records: list = []

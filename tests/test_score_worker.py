@@ -20,7 +20,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
-from pipeline.bus import create_topics, make_producer, read_dead_letter, topic_name
+from pipeline.bus import create_topics, make_producer, read_dead_letter, topic_name, topic_partitions
 from pipeline.config import (
     CameraConfig,
     CaptureSettings,
@@ -138,11 +138,9 @@ def scores_of(records: list) -> list[ScoreMessage]:
 
 
 def partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
-    deadline = time.monotonic() + 10
-    while (found := consumer.partitions_for_topic(topic)) is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    found = topic_partitions(consumer, topic, 10.0)
     assert found, f"topic {topic} not found"
-    return [TopicPartition(topic, p) for p in sorted(found)]
+    return found
 
 
 def read_all(kafka: KafkaSettings, name: str, min_count: int, settle_s: float = 1.5,

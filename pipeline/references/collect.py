@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from kafka import TopicPartition
 
-from pipeline.bus import make_consumer, topic_name
+from pipeline.bus import make_consumer, topic_name, topic_partitions
 from pipeline.config import KafkaSettings
 from pipeline.imaging import decode_image
 from pipeline.recording import iter_recording
@@ -31,13 +31,9 @@ def frames_from_topic(kafka: KafkaSettings, camera_id: str, n: int, retained: bo
     consumer = make_consumer(kafka, None, [])
     try:
         deadline = time.monotonic() + timeout_s
-        parts = consumer.partitions_for_topic(topic)
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:
+        tps = topic_partitions(consumer, topic, timeout_s)
+        if not tps:
             raise LookupError(f"topic {topic} does not exist (is capture running?)")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         if retained:
             return _last_retained(consumer, tps, camera_id, n)

@@ -32,7 +32,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
-from pipeline.bus import create_topics, lag, make_consumer, make_producer, send_dead_letter
+from pipeline.bus import create_topics, lag, make_consumer, make_producer, send_dead_letter, topic_partitions
 from pipeline.config import KafkaSettings
 from pipeline.health import Health
 from pipeline.logging import get_logger
@@ -643,13 +643,8 @@ class StreamRuntime:
             consumer.subscribe(topics, listener=_Listener(self))
             return consumer
         tps: list[TopicPartition] = []
-        deadline = time.monotonic() + 30
         for topic in topics:
-            parts = consumer.partitions_for_topic(topic)
-            while not parts and time.monotonic() < deadline and not self.stop.is_set():
-                time.sleep(0.2)
-                parts = consumer.partitions_for_topic(topic)
-            tps.extend(TopicPartition(topic, p) for p in sorted(parts or []))
+            tps.extend(topic_partitions(consumer, topic, 30.0, stop=self.stop.is_set))
         if cfg.start_offsets is not None:
             tps = [tp for tp in tps if tp in cfg.start_offsets]
         consumer.assign(tps)
