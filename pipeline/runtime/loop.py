@@ -29,7 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka import (
+    AsyncConsumerRebalanceListener,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
 from kafka.errors import CommitFailedError, KafkaError
 
 from pipeline.bus import create_topics, lag, make_consumer, make_producer, send_dead_letter, topic_partitions
@@ -151,14 +157,23 @@ class _TransientError(Exception):
     """Internal: infrastructure failed; rewind and retry after a backoff."""
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
+    """kafka-python 3 calls these on the consumer's IO thread while the runtime's thread waits in
+    ``poll``: they may await the client's futures, never call its blocking API (``commit`` there
+    raises "Cannot block on net.run() from the IO thread itself")."""
+
     def __init__(self, runtime: StreamRuntime) -> None:
         self._runtime = runtime
 
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._runtime._on_revoked(set(revoked))
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._runtime._on_revoked(set(revoked), commit=True)
 
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        # Evicted from the group: a commit would be refused (stale generation); the next owner
+        # handles these records again.
+        await self._runtime._on_revoked(set(lost), commit=False)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._runtime._on_assigned(set(assigned))
 
 
@@ -313,8 +328,10 @@ class StreamRuntime:
         if self._pool is not None and batch:
             # Overlap: fetch and decode the next batch while the stage works on this one.
             self._prefetched = self._decode_all(self._poll(0, wait=False))
-        if self.config.group_id is not None:
-            batch = [item for item in batch if item[0].tp in self._assigned]  # revoked meanwhile
+        if self.config.group_id is not None and any(item[0].tp not in self._assigned for item in batch):
+            # Revoked meanwhile (a poll began the rebalance): not handled here, read again if ours again.
+            self._unread([env for env, _ in batch if env.tp not in self._assigned])
+            batch = [item for item in batch if item[0].tp in self._assigned]
         started = time.perf_counter()
         results = self._resolve(batch)
         if results:
@@ -601,23 +618,31 @@ class StreamRuntime:
         if consumer is None or self.config.group_id is None:
             self._done.clear()
             return
-        settled = self.stage.committable()
-        offsets = settled if settled is not None else self.stage.commit_floor(dict(self._done))
-        todo = {tp: off for tp, off in offsets.items()
-                if tp in self._assigned and self._committed.get(tp) != off}
+        todo, from_done = self._to_commit()
         if not todo:
             return
         try:
-            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in todo.items()})
+            consumer.commit(_commit_offsets(todo))
         except CommitFailedError as exc:
             # The group rebalanced meanwhile: the partition's next owner handles these records again.
             self.log.warning("commit_failed_rebalance", error=first_line(exc))
             return
         except KafkaError as exc:
             raise _TransientError(f"commit failed: {first_line(exc)}") from exc
+        self._committed_up_to(todo, from_done)
+
+    def _to_commit(self) -> tuple[dict[TopicPartition, int], bool]:
+        """Offsets of owned partitions safe to commit and not committed yet; True: they come from
+        ``_done`` (not from the stage's ``committable``)."""
+        settled = self.stage.committable()
+        offsets = settled if settled is not None else self.stage.commit_floor(dict(self._done))
+        todo = {tp: off for tp, off in offsets.items() if tp in self._assigned and self._committed.get(tp) != off}
+        return todo, settled is None
+
+    def _committed_up_to(self, todo: dict[TopicPartition, int], from_done: bool) -> None:
         self._committed.update(todo)
-        for tp in todo:
-            if settled is None:
+        if from_done:
+            for tp in todo:
                 self._done.pop(tp, None)
         self.stats.commits += 1
 
@@ -661,24 +686,72 @@ class StreamRuntime:
         self.stage.on_assigned(set(tps))
         return consumer
 
-    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Commit what is done before the partitions move: the next owner starts right after it.
+    async def _on_revoked(self, revoked: set[TopicPartition], commit: bool) -> None:
         try:
+            # Outputs in flight are acknowledged first (their offsets become done). The acks come from
+            # the producer's own IO thread: this holds the consumer's loop only as long as they take.
             self._settle_until(0)
-            self._commit()
-        except Exception as exc:
-            self.log.warning("commit_on_revoke_failed", error=first_line(exc))
-        self._prefetched = [(e, d) for e, d in self._prefetched if e.tp not in revoked]
+            if commit:
+                await self._commit_revoked()
+        except Exception as exc:  # left uncommitted: the next owner handles these records again
+            self.log.warning("commit_on_revoke_failed", error=first_line(exc), lost=not commit)
+        if self._prefetched:  # a callback runs inside a poll, never while a batch is prefetched
+            self._unread([e for e, _ in self._prefetched if e.tp in revoked])
+            self._prefetched = [(e, d) for e, d in self._prefetched if e.tp not in revoked]
         for tp in revoked:
             self._done.pop(tp, None)
             self._committed.pop(tp, None)
         self._assigned -= revoked
+        if self._paused and self._consumer is not None:
+            # kafka-python also keeps the paused flag of a partition handed back to this member;
+            # backpressure starts over (``_paused``) and pauses again while the stage is busy.
+            held = self._consumer.assignment()
+            kept = [tp for tp in revoked if tp in held]
+            if kept:
+                self._consumer.resume(*kept)
         self._paused = False
         try:
             self.stage.on_revoked(revoked)
         except Exception as exc:
             self.log.error("stage_on_revoked_failed", error=first_line(exc))
         self.log.info("partitions_revoked", partitions=_names(revoked))
+
+    async def _commit_revoked(self) -> None:
+        """Commit what is done before the partitions move: the next owner starts right after it.
+
+        Awaited (Java's commitSync in onPartitionsRevoked): the JoinGroup goes out only once the
+        broker has the offsets, whatever order a broker answers one connection's requests in, and a
+        failure is known here. The member still holds the current generation, and Kafka accepts its
+        commits while the group prepares the rebalance: it refuses them only once every member has
+        joined (CompletingRebalance), which waits for this member's JoinGroup."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        todo, from_done = self._to_commit()
+        if not todo:
+            return
+        await consumer.commit_async(_commit_offsets(todo))
+        self._committed_up_to(todo, from_done)
+        self.log.info("committed_on_revoke", offsets={f"{tp.topic}:{tp.partition}": off for tp, off in todo.items()})
+
+    def _unread(self, envs: list[Envelope]) -> None:
+        """Records polled but revoked before they were handled: seek back to them while the consumer
+        still holds their partition (a rebalance in progress). kafka-python, unlike the Java client,
+        keeps the position of a partition the rebalance hands back to the same member, which would
+        skip them; a partition that moves away is dropped with its position (its next owner starts
+        at the committed offset)."""
+        consumer = self._consumer
+        if consumer is None or not envs:
+            return
+        first: dict[TopicPartition, int] = {}
+        for env in envs:
+            first[env.tp] = min(first.get(env.tp, env.offset), env.offset)
+        held = consumer.assignment()
+        for tp, off in first.items():
+            if tp in held:
+                consumer.seek(tp, off)
+        self.log.info("revoked_records_unread", records=len(envs),
+                      offsets={f"{tp.topic}:{tp.partition}": off for tp, off in first.items() if tp in held})
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         if not self._assigned:
@@ -766,6 +839,10 @@ def _next_offsets(envs: Iterable[Envelope]) -> dict[TopicPartition, int]:
     for env in envs:
         out[env.tp] = max(out.get(env.tp, 0), env.offset + 1)
     return out
+
+
+def _commit_offsets(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
 
 
 def _names(tps: Iterable[TopicPartition]) -> list[str]:
