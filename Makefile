@@ -32,7 +32,7 @@ demo: setup
 	$(VENV)/bin/linewatch --config demo/linewatch.yaml run --replay --exit-when-done
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .
