@@ -215,6 +215,9 @@ class CaptureSettings(Section):
     registry_poll_s: float = Field(default=1.0, gt=0)
     # A camera with no frame for this long is dark: `camera_down` to subscriptions, `camera_up` on return.
     dark_after_s: float = Field(default=30.0, gt=0)
+    # The deliver workers also report `camera_down` for a registry camera no capture worker holds
+    # (none alive, or none taking it) once its last frame is dark_after_s old.
+    watchdog: bool = True
 
 
 class CameraConfig(Section):

@@ -79,4 +79,11 @@ CAMERA_STATE = Gauge("linewatch_camera_state", "1 for the camera's state (live, 
 CAMERA_LEASES = Gauge("linewatch_camera_leases", "Cameras this capture worker holds")
 CAMERA_STATUS_SENT = Counter("linewatch_camera_status_total", "camera_down / camera_up messages published",
                              ["status"])
+# The camera watchdog of the deliver workers (`pipeline.cameras.watchdog`).
+WATCHDOG_UNHELD = Gauge("linewatch_camera_watchdog_unheld", "Registry cameras no capture worker held at the "
+                        "watchdog's last check (no lease, no fixed capture)")
+WATCHDOG_DOWN = Counter("linewatch_camera_watchdog_down_total", "camera_down messages the watchdog published for "
+                        "cameras no capture worker holds")
+WATCHDOG_CHECKS = Counter("linewatch_camera_watchdog_checks_total", "Camera watchdog checks by outcome",
+                          ["outcome"])
 

@@ -190,6 +190,9 @@ class Site:
         if self.config_file:
             # Every child (and a joining shell) reads the same file: one setting means one thing.
             env["LINEWATCH_CONFIG"] = self.config_file
+        # No camera watchdog in deliver: the site itself stops when its capture dies, and starts capture
+        # only once the model is loaded, so the watchdog would report every camera down meanwhile.
+        env["LINEWATCH_CAPTURE__WATCHDOG"] = os.environ.get("LINEWATCH_CAPTURE__WATCHDOG", "false")
         return env
 
     def api_token(self) -> str:

@@ -17,7 +17,8 @@ CameraStatusKind = Literal["camera_down", "camera_up"]
 
 
 class CameraStatus(BaseModel):
-    """Published by the capture worker holding the camera's lease when the camera crosses the dark limit."""
+    """Published by the capture worker holding the camera when it crosses the dark limit or delivers
+    again, or by the camera watchdog (`pipeline.cameras.watchdog`) when no capture worker holds it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,7 +35,15 @@ class CameraStatus(BaseModel):
     dark_after_s: float
     reconnects: int = 0
     worker: str = ""
+    # Why the camera is down, when it is not simply silent at its capture worker (the watchdog's
+    # "no capture worker holds the camera"); None otherwise, and then left out of the JSON.
+    reason: str | None = None
     ts: float = Field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        """The message as sent and as kept in the down marker: without ``reason`` when it is None, so
+        workers of the version before the field still read what this one writes."""
+        return self.model_dump_json(exclude={"reason"} if self.reason is None else None)
 
     @property
     def status_id(self) -> str:

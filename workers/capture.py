@@ -1,8 +1,9 @@
 """Capture worker: one thread per camera, all offering frames to one shared DroppingPublisher.
 
 Two modes: `run_capture` captures a fixed list of configured cameras until their sources end
-(`--camera`, replays, `linewatch run`); `run_managed_capture` captures the cameras of the Redis
-registry, shared with other workers through leases, and follows registry changes while running.
+(`--camera`, replays, `linewatch run`; with Redis it claims and reports them, `FixedReport`);
+`run_managed_capture` captures the cameras of the Redis registry, shared with other workers through
+leases, and follows registry changes while running.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
 import redis
-from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from pipeline.bus import create_topics, make_producer, topic_name
+from pipeline.bus import create_topics
 from pipeline.cameras.health import CameraHealth, DarkWatch, HealthStore, forget_metrics
-from pipeline.cameras.leases import Lease, LeaseManager, WorkerDirectory
+from pipeline.cameras.leases import FixedClaims, Lease, LeaseManager, WorkerDirectory
 from pipeline.cameras.registry import CameraRegistry
+from pipeline.cameras.status import StatusPublisher
 from pipeline.capture.publisher import DroppingPublisher
 from pipeline.capture.sources import LiveSource
 from pipeline.capture.stage import CaptureStage, CaptureStats
@@ -47,6 +49,62 @@ def select_cameras(settings: Settings, camera_ids: list[str] | None) -> list[Cam
     return [known[cid] for cid in dict.fromkeys(camera_ids)]
 
 
+class FixedReport:
+    """Fixed capture with Redis: it claims its cameras and reports their health and transitions.
+
+    The claims (`FixedClaims`) tell the deliver workers' camera watchdog that these cameras are
+    captured, so it leaves them alone while this worker lives and reports them once it is gone; the
+    health records and `DarkWatch` then do for them what a lease holder does for its cameras. Best
+    effort: with Redis or the broker away, capture goes on and only these reports wait.
+    """
+
+    RETRY_S = 5.0
+
+    def __init__(self, settings: Settings, healths: dict[str, CameraHealth]) -> None:
+        prefix = settings.redis.key_prefix
+        cap = settings.capture
+        self.worker = worker_name()
+        self.healths = healths
+        self.dark_after_s = cap.dark_after_s
+        self.client = connect(settings.redis)
+        self.claims = FixedClaims(self.client, prefix, cap.lease_s)
+        self.store = HealthStore(self.client, prefix)
+        self.publisher = StatusPublisher(settings)
+        self.dark = DarkWatch(self.store, self.publisher, cap.dark_after_s, self.worker)
+        # Claims lapse after lease_s: renewed several times per period, as leases are.
+        self.interval_s = min(cap.registry_poll_s, cap.lease_s / 4)
+        self._next = 0.0
+        self._log = log.bind(worker="capture", owner=self.worker)
+
+    def report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return
+        self._next = now + self.interval_s
+        try:
+            self.claims.claim(self.worker, list(self.healths))
+            for health in self.healths.values():
+                state = health.state(self.dark_after_s)
+                self.store.put(health.record(self.dark_after_s, self.worker, 0))
+                self.dark.check(health, state)
+        except (redis.RedisError, KafkaError, OSError) as exc:
+            self._next = now + max(self.interval_s, self.RETRY_S)
+            self._log.warning("camera_health_report_failed", error=repr(exc))
+
+    def close(self, stopped: bool) -> None:
+        """A stop releases the claims at once (the watchdog takes over); sources that ended are
+        reported ``ended`` first, which the watchdog leaves alone."""
+        try:
+            if not stopped:
+                self.report(force=True)
+            self.claims.release(self.worker, list(self.healths))
+        except (redis.RedisError, OSError) as exc:
+            self._log.warning("camera_claims_release_failed", error=repr(exc))
+        finally:
+            self.publisher.close()
+            self.client.close()
+
+
 def run_capture(
     settings: Settings,
     camera_ids: list[str] | None,
@@ -62,14 +120,16 @@ def run_capture(
     A camera whose thread raises is logged and reported with ``error`` set; the others keep going.
     The publisher is drained (up to ``flush_timeout_s``) before returning, so the published/dropped
     counts in the returned stats are final. ``health`` gets the broker readiness check (capture needs
-    no Redis) and a beat per join round of the supervising loop.
+    no Redis) and a beat per join round of the supervising loop. With Redis configured (and no replay
+    session) the cameras are also claimed and reported (`FixedReport`).
     """
     cameras = select_cameras(settings, camera_ids)
     wlog = log.bind(worker="capture", replay_session=replay_session)
     if health is not None:
         watch_dependencies(health, settings, redis=False)
+    reporting = bool(settings.redis.url) and replay_session is None
     try:
-        create_topics(settings.kafka, names=("frames",))
+        create_topics(settings.kafka, names=("frames", CAMERA_STATUS_TOPIC) if reporting else ("frames",))
     except KafkaError as exc:
         # The publisher retries the broker in the background; capture must not wait for it.
         wlog.warning("topic_check_failed", error=repr(exc))
@@ -79,8 +139,10 @@ def run_capture(
         # Not ready while sends keep failing (the producer is being rebuilt); liveness is untouched.
         health.add_check("publisher", publisher.check, cache_s=0.0)
     stats: dict[str, CaptureStats] = {c.id: CaptureStats(camera_id=c.id) for c in cameras}
-    # Health metrics only (frames/s, last frame, state): dark notifications need managed capture.
     healths = {c.id: CameraHealth(c) for c in cameras}
+    # With Redis: claims, health records and camera_down/up too. Not for a replay session, whose
+    # frames are not the cameras' present (the live capture of the same ids reports them).
+    report = FixedReport(settings, healths) if reporting else None
 
     def run_one(camera: CameraConfig) -> None:
         clog = wlog.bind(camera=camera.id)
@@ -109,12 +171,16 @@ def run_capture(
                     health.beat()
                 for h in healths.values():
                     h.export(settings.capture.dark_after_s)
+                if report is not None and not stop.is_set():
+                    report.report()
                 t.join(0.5)
     except BaseException:
         # Interrupted (Ctrl-C) or failing here: tell the camera threads to wind down too.
         stop.set()
         raise
     finally:
+        if report is not None:
+            report.close(stopped=stop.is_set())
         publisher.close(timeout=flush_timeout_s)
         published, dropped = publisher.published, publisher.dropped
         for cid, s in stats.items():
@@ -205,26 +271,6 @@ class CameraRunner:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-class StatusPublisher:
-    """CameraStatus messages on the camera-status topic, keyed by camera, acknowledged before returning."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._kafka = settings.kafka
-        self._producer: KafkaProducer | None = None
-        # It runs inside the supervisor's round: a broker outage must not hold up lease renewals.
-        self._timeout_s = min(5.0, settings.capture.lease_s / 4)
-
-    def __call__(self, status: CameraStatus) -> None:
-        if self._producer is None:
-            self._producer = make_producer(self._kafka, max_block_ms=int(self._timeout_s * 1000))
-        self._producer.send(topic_name(self._kafka, CAMERA_STATUS_TOPIC), key=status.camera_id.encode(),
-                            value=status.model_dump_json().encode()).get(timeout=self._timeout_s)
-
-    def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close(timeout=5)
 
 
 class ManagedCapture:

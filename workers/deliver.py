@@ -2,7 +2,8 @@
 
 The stage hands each event to the dispatcher's per-subscription lanes; the runtime commits only
 offsets that every matching lane has settled (delivered, coalesced or dead-lettered), and pauses
-fetching while too many events are in flight instead of buffering.
+fetching while too many events are in flight instead of buffering. Beside it run the camera-status
+delivery (camera_down/up to subscriptions) and the camera watchdog (`pipeline.cameras.watchdog`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 from kafka import TopicPartition
 
+from pipeline.cameras.status import StatusPublisher
+from pipeline.cameras.watchdog import CameraWatchdog
 from pipeline.config import Settings
 from pipeline.delivery.camera_status import CameraStatusStage
 from pipeline.delivery.channels import SenderFactory
@@ -121,6 +124,18 @@ def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | 
                                    status_stage, stop=status_stop)
     status_thread = threading.Thread(target=status_runtime.run, name="camera-status-runtime", daemon=True)
     status_thread.start()
+    # The camera watchdog (cameras no capture worker holds) lives here: it must not die with the
+    # capture workers, a site always runs deliver workers, and a camera_down reaches nobody without
+    # one anyway (the alert worker also always runs, but would add a second process the alarm
+    # depends on). Its own thread: a slow subscriber holding up the camera-status runtime must not
+    # delay noticing a blind line. Several deliver workers: the Redis down marker keeps it once only.
+    watchdog_publisher = StatusPublisher(settings)  # its producer is made on the first camera_down
+    watchdog_thread: threading.Thread | None = None
+    if settings.capture.watchdog:
+        watchdog = CameraWatchdog(settings, client, watchdog_publisher)
+        watchdog_thread = threading.Thread(target=watchdog.run, args=(status_stop,), name="camera-watchdog",
+                                           daemon=True)
+        watchdog_thread.start()
     stage = DeliverStage(dispatcher, SubscriptionStore(client, prefix), settings.deliver.max_in_flight,
                          settings.deliver.reload_s, lanes_stop)
     config = RuntimeConfig(name="deliver", group_id=settings.deliver.group_id, topics=("defects",),
@@ -130,6 +145,9 @@ def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | 
     finally:
         status_stop.set()
         status_thread.join(15.0)
+        if watchdog_thread is not None:
+            watchdog_thread.join(15.0)
+        watchdog_publisher.close()
         stage.on_stop()
         senders.close()
         client.close()

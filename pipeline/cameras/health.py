@@ -3,7 +3,9 @@
 The capture worker holding a camera's lease tracks it (`CameraHealth`), writes it to Redis for the
 API (`HealthStore`) and turns the crossing of ``capture.dark_after_s`` into `CameraStatus`
 messages (`DarkWatch`). A Redis marker per dark camera makes the transitions survive a change of
-worker: the next holder neither repeats a ``camera_down`` nor forgets the ``camera_up``.
+worker: the next holder neither repeats a ``camera_down`` nor forgets the ``camera_up``. A camera
+no worker holds is reported by the deliver workers' watchdog (`pipeline.cameras.watchdog`) through
+the same marker, and the worker that takes it next sends the ``camera_up``.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class HealthStore:
         self._prefix = prefix
         self._key = f"{prefix}:camera-health"
 
-    def _down_key(self, camera_id: str) -> str:
+    def down_key(self, camera_id: str) -> str:
         return f"{self._prefix}:camera-down:{camera_id}"
 
     def put(self, record: dict[str, Any]) -> None:
@@ -147,26 +149,26 @@ class HealthStore:
 
     def forget(self, camera_id: str) -> None:
         self._client.hdel(self._key, camera_id)
-        self._client.delete(self._down_key(camera_id))
+        self._client.delete(self.down_key(camera_id))
 
     def mark_down(self, status: CameraStatus) -> bool:
         """Set the marker; False when the camera is already marked down (by this or an earlier holder)."""
-        return bool(self._client.set(self._down_key(status.camera_id), status.model_dump_json(), nx=True))
+        return bool(self._client.set(self.down_key(status.camera_id), status.to_json(), nx=True))
 
     def down(self, camera_id: str) -> CameraStatus | None:
-        raw = self._client.get(self._down_key(camera_id))
+        raw = self._client.get(self.down_key(camera_id))
         return CameraStatus.model_validate_json(raw) if raw is not None else None
 
     def clear_down(self, camera_id: str) -> CameraStatus | None:
         """Remove the marker; returns it when this call removed it (so one worker sends camera_up)."""
         pipe = self._client.pipeline(transaction=True)
-        pipe.get(self._down_key(camera_id))
-        pipe.delete(self._down_key(camera_id))
+        pipe.get(self.down_key(camera_id))
+        pipe.delete(self.down_key(camera_id))
         raw, deleted = pipe.execute()
         return CameraStatus.model_validate_json(raw) if raw is not None and deleted else None
 
     def restore_down(self, status: CameraStatus) -> None:
-        self._client.set(self._down_key(status.camera_id), status.model_dump_json())
+        self._client.set(self.down_key(status.camera_id), status.to_json())
 
 
 Publish = Callable[[CameraStatus], None]

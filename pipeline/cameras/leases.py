@@ -144,3 +144,39 @@ class WorkerDirectory:
 
     def alive(self) -> list[str]:
         return sorted(m.decode() for m in self._client.zrangebyscore(self._key, time.time() - self._ttl_s, "+inf"))
+
+
+class FixedClaims:
+    """Cameras a fixed capture worker (``--camera``, ``linewatch run``: no leases) captures now.
+
+    One key per camera, set by the worker every round and lapsing ``ttl_s`` after its last one, so
+    the camera watchdog leaves these cameras to that worker while it lives and reports them once it
+    is gone. Unlike a lease it excludes nobody: fixed capture never asked for exclusion.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: float) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._ttl_ms = int(ttl_s * 1000)
+        self._release = client.register_script(_RELEASE)
+
+    def key(self, camera_id: str) -> str:
+        return f"{self._prefix}:camera-fixed:{camera_id}"
+
+    def claim(self, worker: str, camera_ids: list[str]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for cid in camera_ids:
+            pipe.set(self.key(cid), worker, px=self._ttl_ms)
+        pipe.execute()
+
+    def release(self, worker: str, camera_ids: list[str]) -> None:
+        """Drop this worker's claims (another worker's claim on the same camera stays)."""
+        for cid in camera_ids:
+            self._release(keys=[self.key(cid)], args=[worker])
+
+    def claimed(self, camera_ids: list[str]) -> dict[str, str | None]:
+        """The fixed capture worker claiming each camera now, or None."""
+        if not camera_ids:
+            return {}
+        raw = self._client.mget([self.key(c) for c in camera_ids])
+        return {cid: v.decode() if v is not None else None for cid, v in zip(camera_ids, raw, strict=True)}
