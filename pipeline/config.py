@@ -22,6 +22,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from pipeline.delivery.proxy import DIRECT, parse_proxy
 from schemas.frames import PRODUCT_CLASS_PATTERN
 
 Method = Literal["winclip", "alfa", "aprilgan"]
@@ -186,6 +187,19 @@ class DeliverSettings(Section):
     max_response_bytes: int = Field(default=64 * 1024, ge=0)
     # Dead letters kept per subscription; the oldest go beyond it.
     max_dead_letters: int = Field(default=10_000, ge=1)
+    # HTTP proxy for webhooks, http://[user:password@]host:port; None: HTTPS_PROXY / HTTP_PROXY from
+    # the environment; "direct": none, whatever the environment says (`pipeline.delivery.proxy`).
+    webhook_proxy: str | None = None
+    # Webhook hosts reached without the proxy (names with their subdomains, IPs, CIDR blocks, "*",
+    # optional ":port"); None: NO_PROXY from the environment.
+    webhook_no_proxy: list[str] | None = None
+
+    @field_validator("webhook_proxy")
+    @classmethod
+    def _proxy_usable(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() not in ("", DIRECT):
+            parse_proxy(value, "deliver.webhook_proxy")
+        return value
 
 
 class ApiSettings(Section):

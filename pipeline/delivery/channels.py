@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import threading
 from typing import Protocol
 
@@ -17,9 +18,10 @@ from kafka import KafkaProducer
 from pipeline.bus import make_producer
 from pipeline.config import Settings
 from pipeline.delivery import webhook_http
+from pipeline.delivery.proxy import ProxyConfigError, WebhookProxies
 from pipeline.delivery.signing import SIGNATURE_HEADER, sign
 from pipeline.delivery.store import CameraStates
-from pipeline.delivery.urls import Resolver, WebhookURLError, resolve, resolve_webhook
+from pipeline.delivery.urls import Resolver, WebhookURLError, proxied_webhook, resolve, resolve_webhook
 from schemas.subscriptions import (
     KafkaChannel,
     MqttChannel,
@@ -59,23 +61,32 @@ def _retry_after(headers: dict[str, str]) -> float | None:
 class WebhookSender:
     """HTTP POST of the notification JSON, signed, with the delivery id as Idempotency-Key.
 
-    Each attempt resolves the host once, checks the addresses and connects to the checked one;
-    ``timeout_s`` bounds the whole attempt (connect, send, headers, body), and at most
-    ``max_body`` bytes of the answer are read. Redirects are not followed: one could lead past the
-    address check.
+    Each attempt resolves the host once, checks the addresses and connects to the checked one (or,
+    when a proxy applies, hands the host to the proxy: `pipeline.delivery.proxy`); ``timeout_s``
+    bounds the whole attempt (connect, send, headers, body), and at most ``max_body`` bytes of the
+    answer are read. Redirects are not followed: one could lead past the address check. ``tls``
+    replaces the system's certificate authorities (tests).
     """
 
     def __init__(self, channel: WebhookChannel, allow_private: bool, max_body: int = 64 * 1024,
-                 resolver: Resolver = resolve) -> None:
+                 resolver: Resolver = resolve, proxies: WebhookProxies | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.channel = channel
         self.allow_private = allow_private
         self.max_body = max_body
         self._resolver = resolver
+        # None: always direct (the deliver worker passes the settings' and environment's proxies).
+        self._proxies = proxies
+        self._tls = tls
 
     def send(self, notification: Notification) -> None:
         try:
-            target = resolve_webhook(self.channel.url, self.allow_private, self._resolver)
-        except WebhookURLError as exc:
+            proxy = self._proxies.for_url(self.channel.url) if self._proxies is not None else None
+            if proxy is not None:
+                target = proxied_webhook(self.channel.url, self.allow_private)
+            else:
+                target = resolve_webhook(self.channel.url, self.allow_private, self._resolver)
+        except (WebhookURLError, ProxyConfigError) as exc:
             raise DeliveryError(str(exc), permanent=True) from exc
         body = notification.model_dump_json().encode()
         headers = {
@@ -85,19 +96,26 @@ class WebhookSender:
             "Idempotency-Key": notification.delivery_id,
             "X-Linewatch-Subscription": notification.subscription_id,
         }
+        via = f" via proxy {proxy}" if proxy is not None else ""
         try:
-            response = webhook_http.post(target, body, headers, self.channel.timeout_s, self.max_body)
+            response = webhook_http.post(target, body, headers, self.channel.timeout_s, self.max_body, self._tls,
+                                         proxy)
         except webhook_http.DeadlineExceededError as exc:
-            raise DeliveryError(f"timeout: no complete answer within {self.channel.timeout_s} s") from exc
+            raise DeliveryError(f"timeout: no complete answer within {self.channel.timeout_s} s{via}") from exc
+        except webhook_http.ProxyError as exc:
+            # The proxy's own refusal (policy, authentication) repeats; its gateway errors may not.
+            permanent = exc.status is not None and exc.status not in RETRYABLE_STATUS
+            raise DeliveryError(str(exc), permanent=permanent) from exc
         except TimeoutError as exc:
-            raise DeliveryError(f"timeout after {self.channel.timeout_s} s ({type(exc).__name__})") from exc
+            raise DeliveryError(f"timeout after {self.channel.timeout_s} s ({type(exc).__name__}){via}") from exc
         except (ConnectionError, OSError) as exc:
-            raise DeliveryError(f"ConnectError to {target.address}: {exc}") from exc
+            where = f"proxy {proxy}" if proxy is not None else str(target.address)
+            raise DeliveryError(f"ConnectError to {where}: {exc}") from exc
         except http.client.HTTPException as exc:
-            raise DeliveryError(f"bad HTTP answer: {type(exc).__name__}: {exc}") from exc
+            raise DeliveryError(f"bad HTTP answer{via}: {type(exc).__name__}: {exc}") from exc
         if 200 <= response.status < 300:
             return
-        reason = f"HTTP {response.status}: {response.body[:200]!r}"
+        reason = f"HTTP {response.status}{via}: {response.body[:200]!r}"
         if response.status in RETRYABLE_STATUS:
             raise DeliveryError(reason, retry_after_s=_retry_after(response.headers))
         raise DeliveryError(reason, permanent=True)
@@ -163,12 +181,13 @@ class SenderFactory:
         self._redis = redis_client
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
+        self._proxies = WebhookProxies(settings.deliver.webhook_proxy, settings.deliver.webhook_no_proxy)
 
     def __call__(self, sub: Subscription) -> Sender:
         channel = sub.channel
         if isinstance(channel, WebhookChannel):
             return WebhookSender(channel, self._settings.deliver.allow_private_networks,
-                                 self._settings.deliver.max_response_bytes)
+                                 self._settings.deliver.max_response_bytes, proxies=self._proxies)
         if isinstance(channel, KafkaChannel):
             if not self._settings.kafka.bootstrap_servers:
                 raise ValueError(f"subscription {sub.id!r} delivers to Kafka topic {channel.topic!r}, and no Kafka "

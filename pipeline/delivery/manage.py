@@ -15,6 +15,7 @@ from pipeline.config import Settings
 from pipeline.delivery.attempts import RetryPolicy, deliver
 from pipeline.delivery.channels import Sender
 from pipeline.delivery.payload import build_notification
+from pipeline.delivery.proxy import WebhookProxies
 from pipeline.delivery.store import DeliveryLedger, SubscriptionStore
 from pipeline.delivery.urls import validate_webhook_url
 from schemas.events import DefectEvent, Region
@@ -24,7 +25,10 @@ from schemas.subscriptions import DeadDelivery, OpcUaChannel, Subscription, Webh
 def check_subscription(sub: Subscription, settings: Settings) -> None:
     """Raise ValueError when the subscription could never be delivered as configured."""
     if isinstance(sub.channel, WebhookChannel):
-        validate_webhook_url(sub.channel.url, settings.deliver.allow_private_networks)
+        deliver = settings.deliver
+        # Through a proxy the host need not resolve here (the proxy resolves it): the URL is checked.
+        proxied = WebhookProxies(deliver.webhook_proxy, deliver.webhook_no_proxy).for_url(sub.channel.url)
+        validate_webhook_url(sub.channel.url, deliver.allow_private_networks, check_dns=proxied is None)
     if isinstance(sub.channel, OpcUaChannel):
         for path in (sub.channel.certificate, sub.channel.private_key, sub.channel.server_certificate):
             if path and not Path(path).is_file():

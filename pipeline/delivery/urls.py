@@ -2,7 +2,8 @@
 
 Checked when a subscription is added and again before each delivery. The delivery connects to the
 very address that passed the check (``resolve_webhook``), so a name that resolves elsewhere on a
-second lookup (DNS rebinding) cannot lead the request to an internal host.
+second lookup (DNS rebinding) cannot lead the request to an internal host. Through an HTTP proxy
+(``proxied_webhook``) only the URL itself can be checked: the proxy resolves the name.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class Target:
     host: str  # as written in the URL: the Host header and the TLS server name
     port: int
     path: str  # path plus query
-    address: IPAddress
+    # The checked address to connect to; None when a proxy resolves the host (`proxied_webhook`).
+    address: IPAddress | None
 
 
 def _split(url: str) -> tuple[str, str, int, str]:
@@ -112,6 +114,22 @@ def resolve_webhook(url: str, allow_private: bool = False, resolver: Resolver = 
             raise WebhookURLError(f"webhook host {host!r} resolves to no address") from None
     _check(host, addresses, allow_private)
     return Target(scheme, host, port, path, addresses[0])
+
+
+def proxied_webhook(url: str, allow_private: bool = False) -> Target:
+    """A webhook reached through an HTTP proxy: the proxy resolves the host, not this process (which
+    often cannot: that is why there is a proxy). What the URL itself shows is still checked (a
+    non-public IP literal, a loopback name); where a name leads is the proxy's policy."""
+    scheme, host, port, path = _split(url)
+    try:
+        address: IPAddress = ipaddress.ip_address(host)
+    except ValueError:
+        if _loopback_name(host) and not allow_private:
+            raise WebhookURLError(f"webhook host {host!r} is loopback; set deliver.allow_private_networks "
+                                  "to allow internal receivers") from None
+        return Target(scheme, host, port, path, None)
+    _check(host, [address], allow_private)
+    return Target(scheme, host, port, path, address)
 
 
 def validate_webhook_url(url: str, allow_private: bool = False, check_dns: bool = True,
