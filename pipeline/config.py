@@ -198,7 +198,7 @@ class DeliverSettings(Section):
     @classmethod
     def _proxy_usable(cls, value: str | None) -> str | None:
         if value is not None and value.strip().lower() not in ("", DIRECT):
-            parse_proxy(value, "deliver.webhook_proxy")
+            parse_proxy(value, "")  # pydantic names the field
         return value
 
 

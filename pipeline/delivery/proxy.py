@@ -38,20 +38,22 @@ class Proxy:
 
 
 def parse_proxy(value: str, source: str) -> Proxy:
-    """A proxy URL (``host:port`` alone means http://); ``source`` names the setting in errors."""
+    """A proxy URL (``host:port`` alone means http://); ``source`` names the setting in errors ("":
+    the caller's error already names it)."""
+    where = f"{source}: " if source else ""
     text = value.strip()
     if "://" not in text:
         text = "http://" + text
     parts = urlsplit(text)
     if parts.scheme.lower() != "http":
-        raise ProxyConfigError(f"{source}: only http:// proxies are supported (an https target is tunnelled "
+        raise ProxyConfigError(f"{where}only http:// proxies are supported (an https target is tunnelled "
                                f"with CONNECT through them), got {parts.scheme}://")
     try:
         port = parts.port or 80
     except ValueError:
-        raise ProxyConfigError(f"{source}: bad proxy port in {_masked(text)!r}") from None
+        raise ProxyConfigError(f"{where}bad proxy port in {_masked(text)!r}") from None
     if not parts.hostname:
-        raise ProxyConfigError(f"{source}: no proxy host in {_masked(text)!r}")
+        raise ProxyConfigError(f"{where}no proxy host in {_masked(text)!r}")
     authorization = None
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
