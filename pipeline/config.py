@@ -22,6 +22,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from pipeline.logging import hide_secrets, hide_url_password
 from schemas.frames import PRODUCT_CLASS_PATTERN
 
 Method = Literal["winclip", "alfa", "aprilgan"]
@@ -437,4 +438,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         _CONFIG_FILE = None
     if path:
         _resolve_paths(settings, path, data)
+    # Whatever logs or prints later (an exception quoting a client's options) shows *** instead.
+    hide_url_password(settings.redis.url)
+    hide_secrets(settings.kafka.sasl_password, settings.api.token, settings.llm.api_key)
     return settings
