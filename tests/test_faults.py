@@ -58,3 +58,4 @@ def test_hostile_records_are_dead_lettered_once_and_valid_frames_scored_once(
     assert row.dead_lettered == size[0]
     assert row.frames_scored == row.frames_sent == size[1] + 1 and row.scores_duplicated == 0
     assert row.peak_rss_mb["score"] > 0
+    assert row.extra["huge_20mb"] == 2  # real 20 MB payloads among the oversized ones
