@@ -29,7 +29,6 @@ faults = _load_faults()
 
 def check(row: Any) -> None:
     text = faults.format_row(row)
-    print(text)  # the row, as the campaign prints it (pytest -s)
     assert not row.problems, text
     assert row.frames_lost in (None, 0), text
     assert row.events_duplicated in (None, 0), text
