@@ -81,6 +81,7 @@ class Row:
     recovery_s: float | None = None
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)  # raw figures for tests, not printed
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -169,6 +170,7 @@ class Rig:
             **env,
         })
         self.workers: list[Worker] = []
+        self._tails: dict[str, tuple[KafkaConsumer, list[int]]] = {}
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -239,6 +241,8 @@ class Rig:
 
     def close(self) -> None:
         self._stop.set()
+        for consumer, _ in self._tails.values():
+            consumer.close(autocommit=False)
         for w in self.workers:
             if w.proc.poll() is None:
                 w.proc.kill()
@@ -255,15 +259,35 @@ class Rig:
             tps = [TopicPartition(topic, p) for p in range(self.kafka.partitions)]
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
+            # tansu answers the latest offset as the last batch's first offset + 1 (Kafka: the last
+            # record's + 1): past it, read on until a poll brings nothing.
             ends = consumer.end_offsets(tps)
             out: list[Any] = []
             deadline = time.monotonic() + 60
-            while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-                for recs in consumer.poll(timeout_ms=200).values():
-                    out.extend(recs)
+            while time.monotonic() < deadline:
+                got = [rec for recs in consumer.poll(timeout_ms=300).values() for rec in recs]
+                out.extend(got)
+                if not got and all(consumer.position(tp) >= ends[tp] for tp in tps):
+                    break
             return out
         finally:
             consumer.close(autocommit=False)
+
+    def count(self, name: str) -> int:
+        """How many records a topic holds, each read once by a consumer kept per topic (the DLQ of
+        scenario 7 holds hundreds of MB: read whole every half second it took the bench minutes of CPU).
+        Not from the end offsets: tansu answers the last record's offset, not the one after it."""
+        tail = self._tails.get(name)
+        if tail is None:
+            consumer = KafkaConsumer(**self.kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
+            tps = [TopicPartition(self.kafka.topic(name), p) for p in range(self.kafka.partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            tail = self._tails[name] = (consumer, [0])
+        consumer, seen = tail
+        while got := sum(len(recs) for recs in consumer.poll(timeout_ms=300).values()):
+            seen[0] += got
+        return seen[0]
 
     def scores(self) -> list[ScoreMessage]:
         return [ScoreMessage.model_validate_json(r.value) for r in self.read("scores")]
@@ -325,12 +349,29 @@ def image(width: int = 96, height: int = 72, seed: int = 0) -> np.ndarray:
 
 
 def valid_frames(cameras: int, per_camera: int, width: int = 96, height: int = 72, seq0: int = 0,
-                 capture_ts: Callable[[int], float] | None = None) -> list[tuple[str, bytes, Headers]]:
+                 capture_ts: Callable[[int], float] | None = None,
+                 camera_ids: list[str] | None = None) -> list[tuple[str, bytes, Headers]]:
     jpegs = [encode_jpeg(image(width, height, s)) for s in range(4)]
     ts = capture_ts or (lambda _seq: time.time())
-    return [(f"cam-{c}", jpegs[(s + c) % 4], frame_headers(f"cam-{c}", seq0 + s, width, height,
-                                                         capture_ts=ts(seq0 + s)))
-            for s in range(per_camera) for c in range(cameras)]
+    ids = camera_ids or [f"cam-{c}" for c in range(cameras)]
+    return [(ids[c], jpegs[(s + c) % 4], frame_headers(ids[c], seq0 + s, width, height, capture_ts=ts(seq0 + s)))
+            for s in range(per_camera) for c in range(len(ids))]
+
+
+def spread_cameras(n: int, partitions: int) -> list[str]:
+    """``n`` camera ids (cam-0, cam-1, ...) chosen so that the producer's key hash (murmur2, as the
+    Java client) puts as many on each partition: cam-0..cam-3 all land on one of two partitions."""
+    from kafka.partitioner.default import murmur2
+
+    per: dict[int, list[str]] = {p: [] for p in range(partitions)}
+    for i in itertools.count():
+        name = f"cam-{i}"
+        p = (murmur2(name.encode()) & 0x7FFFFFFF) % partitions
+        if len(per[p]) < math.ceil(n / partitions):
+            per[p].append(name)
+        if sum(map(len, per.values())) >= n:
+            return sorted((c for cams in per.values() for c in cams), key=lambda c: int(c[4:]))
+    raise AssertionError("unreachable")
 
 
 def bursts(t0: float, size: int = 3, gap_s: float = 2.0, step_s: float = 0.2) -> Callable[[int], float]:
@@ -367,10 +408,79 @@ def max_gap(times: list[float], after: float) -> float:
 
 
 # -- scenario 1: a scorer SIGKILLed mid-batch while another runs -------------------------------------
+SESSION_TIMEOUT_S = 6.0  # the rig's kafka.session_timeout_ms
+
+
+def assigned_partitions(r: Rig, w: Worker) -> set[int] | None:
+    """The frames-topic partitions a worker holds now, per its log (None: never assigned yet)."""
+    state: set[int] | None = None
+    topic = r.kafka.topic("frames")
+    for line in w.log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or rec.get("event") not in ("partitions_assigned", "partitions_revoked"):
+                continue
+            parts = {int(p.rpartition(":")[2]) for p in rec.get("partitions", []) if p.rpartition(":")[0] == topic}
+            # Eager rebalancing: an assignment replaces the last one, a revocation empties it.
+            state = parts if rec["event"] == "partitions_assigned" else (state or set()) - parts
+    return state
+
+
+def log_times(w: Worker, event: str) -> list[float]:
+    """When a worker logged ``event`` (epoch seconds, from its log's timestamps)."""
+    from datetime import datetime
+
+    out = []
+    for line in w.log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            rec = json.loads(line)
+            if rec.get("event") == event:
+                out.append(datetime.fromisoformat(rec["timestamp"]).timestamp())
+    return out
+
+
+def batch_times(times: list[float], within_s: float = 0.05) -> list[float]:
+    """Intervals between batch completions: the scores of one batch are stamped within ms of each
+    other, so arrivals closer than ``within_s`` are one batch; on a backlog the batches run back to back."""
+    ends: list[float] = []
+    for t in sorted(times):
+        if ends and t - ends[-1] < within_s:
+            ends[-1] = t
+        else:
+            ends.append(t)
+    return [b - a for a, b in itertools.pairwise(ends)]
+
+
+def camera_stalls(scores: list[ScoreMessage], sent: set[tuple[str, int]]) -> dict[str, float]:
+    """Per camera, the longest wait between two of its frames scored for the first time (by score
+    arrival, the scorer's stamp): a re-score of a frame already scored is no progress for the camera."""
+    first: dict[tuple[str, int], float] = {}
+    for m in scores:
+        key = (m.frame.camera_id, m.frame.seq)
+        if key in sent:
+            first[key] = min(first.get(key, m.scored_ts), m.scored_ts)
+    per_cam: dict[str, list[float]] = {}
+    for (cam, _seq), ts in first.items():
+        per_cam.setdefault(cam, []).append(ts)
+    return {cam: max((b - a for a, b in itertools.pairwise(sorted(ts))), default=0.0)
+            for cam, ts in sorted(per_cam.items())}
+
+
+def stall_design_bound(batch_s: float) -> float:
+    """The longest stall this runtime can cause on tansu, part by part (each seen in the row's
+    stall_parts_s): the victim's batch in progress (1 batch); the broker noticing the dead member
+    (session timeout, + a heartbeat) while the survivor finishes its own batch (1 batch); tansu
+    answering the JoinGroup after half the session timeout (Kafka answers once every member
+    rejoined); the survivor re-scoring the victim's last batch, produced but not committed (the
+    scorer commits a batch once the next one is handled: 1 batch), then its killed batch (1 batch)."""
+    return SESSION_TIMEOUT_S + 1.0 + SESSION_TIMEOUT_S / 2 + 4 * batch_s
+
+
 def scenario_scorer_kill(small: bool = True, keep_logs: Path | None = None,
                          size: tuple[int, int] | None = None) -> Row:
     cameras, per_camera = size or ((3, 12) if small else (4, 60))
-    row = Row("1 scorer SIGKILL", note=f"{cameras} cams x {per_camera} frames 96x72, 2 scorers + alert")
+    row = Row("1 scorer SIGKILL", note=f"{cameras} cams x {per_camera} frames 96x72 (backlog), 2 scorers "
+              f"(one partition and half the cameras each) + alert; session timeout {SESSION_TIMEOUT_S:.0f} s")
     # Every frame is anomalous (threshold below any score) and frames come in bursts of 3 on capture
     # time: one event per burst; the last burst of each camera is closed by silence.
     with rig(keep_logs, LINEWATCH_ALERT__DEFAULT_THRESHOLD="-1.0", LINEWATCH_ALERT__K="2",
@@ -378,14 +488,29 @@ def scenario_scorer_kill(small: bool = True, keep_logs: Path | None = None,
         a = r.start("score", ["score"])
         b = r.start("score", ["score"])
         alert = r.start("alert", ["alert"])
-        frames = valid_frames(cameras, per_camera, capture_ts=bursts(time.time() - 3600))
+        # Both scorers loaded and in the group, one partition each, before any frame: the stall
+        # measured is the kill's, not a model load.
+        wait_until(lambda: all(assigned_partitions(r, w) for w in (a, b)) or not (r.alive(a) and r.alive(b)),
+                   "both scorers holding a partition", 300)
+        # Cameras on both partitions: the survivor is busy (and warm) when the victim dies.
+        frames = valid_frames(cameras, per_camera, capture_ts=bursts(time.time() - 3600),
+                              camera_ids=spread_cameras(cameras, r.kafka.partitions))
         n_events = cameras * math.ceil(per_camera / 3)
         sent = {(json.loads(h[0][1])["camera_id"], json.loads(h[0][1])["seq"]) for _, _, h in frames}
-        r.send(frames)
-        wait_until(lambda: len(r.read("scores")) >= 2 or not r.alive(a), "the first scores", 300)
+        metas = r.send(frames)
+        frames_on = Counter(m.partition for m in metas)
+        # The victim holds the partition with more frames: it is mid-batch when killed.
+        victim, survivor = sorted((a, b), key=lambda w: -sum(frames_on[p] for p in assigned_partitions(r, w) or ()))
+        victim_cams = sorted({k for (k, _, _), m in zip(frames, metas, strict=True)
+                              if m.partition in (assigned_partitions(r, victim) or ())})
+        # Mid-batch: the victim's first batch is out (uncommitted: the scorer commits a batch once the
+        # next one is handled), its next one is in the model.
+        wait_until(lambda: any(m.frame.camera_id in victim_cams for m in r.scores()) or not r.alive(victim),
+                   "the victim's first scores", 300)
         killed_at = time.time()
-        r.kill(a)
+        r.kill(victim)
         row.extra["scored_before_kill"] = len(r.read("scores"))
+        row.extra["killed_holding"] = ",".join(victim_cams) or "no camera"
 
         def missing() -> set[tuple[str, int]]:
             return sent - {(m.frame.camera_id, m.frame.seq) for m in r.scores()}
@@ -394,18 +519,47 @@ def scenario_scorer_kill(small: bool = True, keep_logs: Path | None = None,
             wait_until(lambda: not missing(), "every frame scored after the kill", 400)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; missing {sorted(missing())[:10]}") from None
+        scores = r.scores()
         # The stall: the longest wait for the next score (stamped by the scorer) after the kill.
-        row.recovery_s = max_gap([m.scored_ts for m in r.scores()], killed_at)
+        row.recovery_s = max_gap([m.scored_ts for m in scores], killed_at)
+        # Per camera against the promise: session timeout (the dead member noticed) plus one batch
+        # (the survivor's, measured on the backlog it holds after the takeover).
+        stalls = camera_stalls(scores, sent)
+        revoked = next((t for t in log_times(survivor, "partitions_revoked") if t > killed_at), math.nan)
+        assigned = next((t for t in log_times(survivor, "partitions_assigned") if t > revoked), math.nan)
+        after = batch_times([m.scored_ts for m in scores if m.scored_ts > assigned])
+        batch_s = float(np.median(after)) if after else math.nan
+        bound = SESSION_TIMEOUT_S + batch_s
+        worst = max(stalls, key=lambda c: stalls[c])
+        row.extra["camera_stall_max_s"] = f"{worst} {stalls[worst]:.1f}"
+        row.extra["camera_stalls_s"] = " ".join(f"{c}:{v:.1f}" for c, v in stalls.items())
+        row.extra["batch_s"] = f"{batch_s:.2f} (max {max(after):.2f})" if after else "-"
+        row.extra["stall_bound_s"] = round(bound, 1)
+        row.extra["stall_within_bound"] = "yes" if stalls[worst] <= bound else "NO"
+        row.extra["stall_design_bound_s"] = round(stall_design_bound(max(after, default=math.nan)), 1)
+        # Where the stall went: the survivor noticing the dead member, the group's join, its first batch.
+        theirs = [m for m in scores if m.frame.camera_id in victim_cams]
+        before_kill = {(m.frame.camera_id, m.frame.seq) for m in theirs if m.scored_ts <= killed_at}
+        last_before = max((m.scored_ts for m in theirs if m.scored_ts <= killed_at), default=math.nan)
+        first_after = min((m.scored_ts for m in theirs if m.scored_ts > killed_at), default=math.nan)
+        first_new = min((m.scored_ts for m in theirs if m.scored_ts > killed_at
+                         and (m.frame.camera_id, m.frame.seq) not in before_kill), default=math.nan)
+        parts = {"last_score_to_kill": killed_at - last_before, "kill_to_revoke": revoked - killed_at,
+                 "join": assigned - revoked, "to_first_score": first_after - assigned,
+                 "rescored_to_first_new": first_new - first_after}
+        row.extra["stall_parts_s"] = " ".join(f"{k}:{v:.1f}" for k, v in parts.items())
         wait_until(lambda: len({e.event_id for e in r.events() if e.status == "closed"}) >= n_events,
                    "every event closed", 180)
         time.sleep(2.0)
         frame_accounting(row, sent, r.scores())
         event_accounting(row, n_events, r.events())
-        for w in (b, alert):
+        for w in (survivor, alert):
             if not r.alive(w):
                 row.problems.append(f"{w.name} died: {r.tail(w, 300)}")
             r.stop(w)
         row.peak_rss_mb = r.peaks()
+        row.measured.update(camera_stalls=stalls, stall_bound_s=bound, batch_s=batch_s,
+                            batch_max_s=max(after, default=math.nan), stall_parts_s=parts)
     return row
 
 
@@ -475,8 +629,12 @@ def scenario_alert_kill(small: bool = True, keep_logs: Path | None = None,
 
 
 # -- scenario 7: hostile records interleaved with valid frames ---------------------------------------
-def hostile_records(n: int, limit_bytes: int) -> list[tuple[str, tuple[str, bytes, Headers]]]:
-    """``n`` hostile records cycling through the kinds of issue 15, each with its expected reason code."""
+HUGE_BYTES = 20 * 1024 * 1024  # the issue's "20 MB payloads"
+
+
+def hostile_records(n: int, limit_bytes: int, huge: int = 0) -> list[tuple[str, tuple[str, bytes, Headers]]]:
+    """``n`` hostile records cycling through the kinds of issue 15, each with its expected reason code;
+    the first ``huge`` of the over-the-limit kind carry a real 20 MB payload, the others the limit + 4 KB."""
     from tests.hostile_frames import jpeg_bomb  # the builders shared with the unit and worker tests
 
     img = image(96, 72, 9)
@@ -485,11 +643,13 @@ def hostile_records(n: int, limit_bytes: int) -> list[tuple[str, tuple[str, byte
     h = frame_headers
     bomb = jpeg_bomb(100_000 // 8, 100_000 // 8, pad_bytes=200_000)
     big = jpeg[:2] + b"\xff\xfe" + bytes(limit_bytes + 4096)  # over scoring.max_frame_bytes
+    huge_payload = jpeg[:2] + b"\xff\xfe" + bytes(HUGE_BYTES)
     kinds: list[tuple[str, Callable[[int], tuple[str, bytes, Headers]]]] = [
         ("undecodable", lambda i: ("cam-t", jpeg[: len(jpeg) // 3], h("cam-t", i, **ok))),
         ("unknown_format", lambda i: ("cam-u", b"GIF89a" + bytes(64), h("cam-u", i, **ok))),
         ("encoding_mismatch", lambda i: ("cam-p", png, h("cam-p", i, **ok))),
-        ("oversized", lambda i: ("cam-big", big, h("cam-big", i, **ok))),
+        # i // 20: how many of this kind came before (the kinds cycle).
+        ("oversized", lambda i: ("cam-big", huge_payload if i // 20 < huge else big, h("cam-big", i, **ok))),
         ("oversized", lambda i: ("cam-bomb", bomb, h("cam-bomb", i, width=64, height=48))),
         # Beyond the header schema's bounds: refused as a bad header before any size arithmetic.
         ("bad_header", lambda i: ("cam-dim", jpeg, h("cam-dim", i, width=100_000, height=100_000))),
@@ -509,18 +669,26 @@ def hostile_records(n: int, limit_bytes: int) -> list[tuple[str, tuple[str, byte
         ("unknown_class", lambda i: ("cam-c", jpeg, h("cam-c", i, product_class="walnut", **ok))),
         ("empty", lambda i: ("cam-z", b"", h("cam-z", i, **ok))),
     ]
+    assert len(kinds) == 20
     return [(kinds[i % len(kinds)][0], kinds[i % len(kinds)][1](i)) for i in range(n)]
 
 
 def scenario_hostile(small: bool = True, keep_logs: Path | None = None,
-                     size: tuple[int, int] | None = None) -> Row:
+                     size: tuple[int, int] | None = None, huge: int | None = None) -> Row:
     n_hostile, n_valid = size or ((200, 50) if small else (2000, 500))
+    huge = (2 if small else 10) if huge is None else huge
     limit = 1024 * 1024
-    row = Row("7 hostile input", note=f"{n_hostile} hostile + {n_valid} valid 96x72; 'oversized payload' is "
-              f"{limit // 1024 + 4} KB over a 1 MB scoring.max_frame_bytes (stands for 20 MB over 8 MB)")
-    with rig(keep_logs, LINEWATCH_SCORING__CLASSES='["ball_screw"]',
-             LINEWATCH_SCORING__MAX_FRAME_BYTES=str(limit), LINEWATCH_SCORING__MAX_BATCH="8") as r:
-        hostile = hostile_records(n_hostile, limit)
+    # The broker and the clients take 24 MB records (a site that allows large frames): the 20 MB
+    # payloads reach the scorer, which refuses them before decoding.
+    message_bytes = 24 * 1024 * 1024
+    row = Row("7 hostile input", note=f"{n_hostile} hostile + {n_valid} valid 96x72; oversized payloads: {huge} of "
+              f"20 MB, the rest {limit // 1024 + 4} KB, over a 1 MB scoring.max_frame_bytes "
+              f"(kafka.max_message_bytes 24 MB)")
+    with rig(keep_logs, LINEWATCH_SCORING__CLASSES='["ball_screw"]', LINEWATCH_SCORING__MAX_BATCH="8",
+             LINEWATCH_SCORING__MAX_FRAME_BYTES=str(limit), LINEWATCH_KAFKA__MAX_MESSAGE_BYTES=str(message_bytes)) as r:
+        r.kafka.max_message_bytes = message_bytes
+        hostile = hostile_records(n_hostile, limit, huge)
+        row.extra["huge_20mb"] = sum(len(rec[1]) > HUGE_BYTES for _, rec in hostile)
         valid = valid_frames(1, n_valid)
         sent: list[tuple[str | None, tuple[str, bytes, Headers]]] = []
         per = max(1, n_hostile // n_valid)
@@ -533,7 +701,7 @@ def scenario_hostile(small: bool = True, keep_logs: Path | None = None,
         hostile_keys = {(m.partition, m.offset): reason for m, (reason, _) in zip(metas, sent, strict=True)
                         if reason is not None}
         valid_keys = {(json.loads(h[0][1])["camera_id"], json.loads(h[0][1])["seq"]) for _, _, h in valid}
-        wait_until(lambda: len(r.read("dlq")) >= len(hostile_keys) or not r.alive(scorer),
+        wait_until(lambda: r.count("dlq") >= len(hostile_keys) or not r.alive(scorer),
                    "every hostile record in the DLQ", 600)
         wait_until(lambda: valid_keys <= {(m.frame.camera_id, m.frame.seq) for m in r.scores()}
                    or not r.alive(scorer), "every valid frame scored", 600)
@@ -868,9 +1036,11 @@ def rss_mb(pid: int) -> float | None:
 def scenario_load(small: bool = True, keep_logs: Path | None = None) -> Row:
     cameras, fps, duration = (4, 1.0, 30.0) if small else (16, 5.0, 120.0)
     staleness = 10.0
-    row = Row("8 load", note=f"{cameras} cams x {fps:g} fps of 1920x1080 JPEG for {duration:.0f} s, one scorer "
+    row = Row("8 load", note=f"{cameras} cams x {fps:g} fps of 1920x1080 JPEG for {duration:.0f} s, one CPU scorer "
               f"(max_batch 8), staleness_s {staleness:.0f}" + (" (REDUCED from 16 x 5 fps x 120 s)" if small else ""))
-    with rig(keep_logs, LINEWATCH_SCORING__STALENESS_S=str(staleness), LINEWATCH_SCORING__MAX_BATCH="8") as r:
+    # The CPU engine, as the issue asks, even on a machine with a GPU (device "auto" would take it).
+    with rig(keep_logs, LINEWATCH_SCORING__STALENESS_S=str(staleness), LINEWATCH_SCORING__MAX_BATCH="8",
+             LINEWATCH_ENGINE__DEVICE="cpu") as r:
         scorer = r.start("score", ["score"])
         # A smooth frame with a little texture: ~100-200 KB as JPEG, like a real 1080p camera frame.
         yy, xx = np.mgrid[0:1080, 0:1920]

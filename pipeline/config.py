@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from pipeline.delivery.proxy import DIRECT, parse_proxy
+from pipeline.logging import hide_secrets, hide_url_password
 from schemas.frames import PRODUCT_CLASS_PATTERN
 
 Method = Literal["winclip", "alfa", "aprilgan"]
@@ -454,4 +455,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         _CONFIG_FILE = None
     if path:
         _resolve_paths(settings, path, data)
+    # Whatever logs or prints later (an exception quoting a client's options) shows *** instead.
+    hide_url_password(settings.redis.url)
+    hide_url_password(settings.deliver.webhook_proxy)
+    hide_secrets(settings.kafka.sasl_password, settings.api.token, settings.llm.api_key)
     return settings

@@ -32,7 +32,7 @@ from typing import IO, TextIO
 from pipeline.bus import TOPICS, create_topics, topic_name
 from pipeline.config import AlertSettings, KafkaSettings, Settings
 from pipeline.embedded import _die_with_parent, free_port
-from pipeline.logging import get_logger
+from pipeline.logging import get_logger, hide_secrets, redact, redact_url
 from pipeline.replay.report import event_line
 from pipeline.runtime.envelope import Record, StageResult
 from pipeline.runtime.follow import Follower
@@ -150,7 +150,8 @@ class Site:
         self.stats_file: Path | None = None
 
     def say(self, text: str) -> None:
-        self.out.write(text + "\n")
+        # The console is often a log file (journald, CI): no URL credentials, token or password.
+        self.out.write(redact(text) + "\n")
         self.out.flush()
 
     # -- infrastructure -------------------------------------------------------------------------
@@ -197,6 +198,11 @@ class Site:
 
     def api_token(self) -> str:
         """The configured token, else one kept in the data folder (so a bookmarked dashboard keeps working)."""
+        token = self._api_token()
+        hide_secrets(token)
+        return token
+
+    def _api_token(self) -> str:
         if self.settings.api.token:
             return self.settings.api.token
         if self.data_dir is None:
@@ -388,22 +394,33 @@ class Site:
         env["LINEWATCH_API__PORT"] = str(api.port)
         self.children["api"] = self.spawn("api", env, [])
         host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
-        self.say(f"dashboard: http://{host}:{api.port}/?token={token}  (API listening on {api.host}:{api.port})")
+        where = f"  (API listening on {api.host}:{api.port})"
+        if self.out.isatty():
+            # The link carries the token only for a person at a terminal (as `linewatch api`).
+            self.out.write(f"dashboard: http://{host}:{api.port}/?token={token}{where}\n")
+            self.out.flush()
+        else:
+            self.say(f"dashboard: http://{host}:{api.port}/?token=***{where}; the token is in site.env")
 
     def print_join(self, env: dict[str, str]) -> None:
+        """The exports with credentials go to a file only its owner reads; the console shows them as ***."""
         names = ["LINEWATCH_CONFIG", "LINEWATCH_KAFKA__BOOTSTRAP_SERVERS", "LINEWATCH_REDIS__URL",
                  "LINEWATCH_API__TOKEN"]
         lines = [f"export {n}={shlex.quote(env[n])}" for n in names if env.get(n)]
-        how = ""
-        if self.data_dir is not None:
-            site_env = self.data_dir / "site.env"
-            with contextlib.suppress(OSError):
-                fd = os.open(site_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write("\n".join(lines) + "\n")
-                how = f"run `. {site_env}` or"
+        shown = {**{n: shlex.quote(v) for n, v in env.items()}, "LINEWATCH_API__TOKEN": "***",
+                 "LINEWATCH_REDIS__URL": shlex.quote(redact_url(env.get("LINEWATCH_REDIS__URL", "")))}
+        shown_lines = [f"export {n}={shown[n]}" for n in names if env.get(n)]
+        site_env = (self.data_dir or self.run_dir) / "site.env"
+        try:
+            fd = os.open(site_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a file left by an older run keeps its mode otherwise
+            with os.fdopen(fd, "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+            how = f"run `. {site_env}`, which sets (credentials shown as ***)"
+        except OSError as exc:
+            how = f"set (credentials shown as ***; {site_env} could not be written: {exc.strerror})"
         self.say(f"to join this site from another shell (`linewatch subscriptions ...`, `linewatch calibrate`), "
-                 f"{how or 'run'}:\n" + "\n".join(f"  {ln}" for ln in lines))
+                 f"{how}:\n" + "\n".join(f"  {ln}" for ln in shown_lines))
 
     def _drain(self, results: ResultsFollower, quiet_s: float = 1.5, max_s: float = 10.0) -> None:
         """Read what the stopped workers produced last, until the topics are quiet."""

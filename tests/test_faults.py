@@ -38,10 +38,20 @@ def check(row: Any) -> None:
 
 
 def test_a_sigkilled_scorer_loses_no_frame_and_duplicates_no_event(tmp_path: Path) -> None:
+    """One camera per partition: the survivor is busy with its own when the victim dies.
+
+    The stall per camera is held to the runtime's design bound (session timeout, tansu's join wait
+    and four of the run's slowest batches: see ``stall_design_bound``), not to the issue's "session
+    timeout plus one batch", which the row prints but which this runtime cannot meet: on tansu the
+    rejoin alone waits half the session timeout, and the victim's last batch is redone (uncommitted)."""
     row = faults.scenario_scorer_kill(keep_logs=tmp_path, size=(2, 9))
     check(row)
     assert row.frames_sent == row.frames_scored == 18
     assert row.events_expected == 6
+    stalls = row.measured["camera_stalls"]
+    assert len(stalls) == 2, faults.format_row(row)
+    bound = faults.stall_design_bound(row.measured["batch_max_s"]) + 5.0  # + scheduling on a loaded machine
+    assert max(stalls.values()) <= bound, faults.format_row(row)
 
 
 def test_a_sigkilled_alert_worker_is_replaced_without_losing_or_reopening_events(tmp_path: Path) -> None:
@@ -58,3 +68,4 @@ def test_hostile_records_are_dead_lettered_once_and_valid_frames_scored_once(
     assert row.dead_lettered == size[0]
     assert row.frames_scored == row.frames_sent == size[1] + 1 and row.scores_duplicated == 0
     assert row.peak_rss_mb["score"] > 0
+    assert row.extra["huge_20mb"] == 2  # real 20 MB payloads among the oversized ones

@@ -3,7 +3,7 @@ without a valid token (test_api.py), signatures verify and tampering is refused 
 the SSRF guard against every non-global address and DNS rebinding (test_delivery_hardening.py,
 test_deliver.py), frame limits before decoding (test_frame_checks.py, test_hostile_frames_worker.py).
 Here: the 5-minute signature window, no unsafe deserialisation, connection settings reaching every
-client, and no secret in any worker log line of a full `linewatch run`."""
+client, and no secret in any worker log line or on the console of a full `linewatch run`."""
 
 from __future__ import annotations
 
@@ -164,8 +164,50 @@ def test_redis_auth_in_the_url_reaches_the_client() -> None:
         anon.close()
 
 
-# -- no secret in the logs of a full run -------------------------------------------------------------
-def test_no_secret_appears_in_any_worker_log_of_a_full_run(tmp_path: Path) -> None:
+# -- no secret in a log line or an error message ---------------------------------------------------------
+def test_configured_secrets_and_url_credentials_never_reach_a_log_line() -> None:
+    """In a fresh process (the scrubbing is process-wide): settings' secrets, wherever a log event
+    carries them (message, nested value, exception text), and any URL's credentials come out as ***."""
+    code = (
+        "from pipeline.config import load_settings\n"
+        "from pipeline.logging import configure_logging, get_logger\n"
+        "configure_logging('info', json=True)\n"
+        "s = load_settings()\n"
+        "log = get_logger('t')\n"
+        "log.info('connect', options={'sasl_plain_password': s.kafka.sasl_password}, token=[s.api.token])\n"
+        "log.info('peer', url='https://bob:hunter2-url@example.com/x', hook='https://tok3n-only@example.com/')\n"
+        "try:\n"
+        "    raise ConnectionError(f'cannot reach {s.redis.url}')\n"
+        "except ConnectionError:\n"
+        "    log.exception('redis_down')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}
+    env.update(LINEWATCH_KAFKA__SASL_PASSWORD="kafka-pw-SECRET-1", LINEWATCH_API__TOKEN="api-token-SECRET-2",
+               LINEWATCH_REDIS__URL="redis://lw:redis-pw-SECRET-3@127.0.0.1:1/0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                          cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3 and "redis_down" in lines[2] and "ConnectionError" in lines[2], proc.stderr
+    for secret in ("kafka-pw-SECRET-1", "api-token-SECRET-2", "redis-pw-SECRET-3", "hunter2-url", "tok3n-only"):
+        assert secret not in proc.stderr, proc.stderr
+    # What is left still says what happened: who, where.
+    assert "redis://lw:***@127.0.0.1:1/0" in lines[2] and "https://bob:***@example.com/x" in lines[1]
+    assert '"token": ["***"]' in lines[0], lines[0]
+
+
+def test_a_cli_error_quoting_the_redis_url_hides_its_password() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}
+    env["LINEWATCH_REDIS__URL"] = f"redis://:redis-pw-SECRET-4@127.0.0.1:{free_port()}/0"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "events", "list"], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=REPO_ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "cannot reach Redis at redis://:***@127.0.0.1:" in proc.stderr, proc.stderr
+    assert "redis-pw-SECRET-4" not in proc.stdout + proc.stderr
+
+
+# -- no secret in the logs or on the console of a full run -----------------------------------------
+def test_no_secret_appears_in_any_worker_log_or_on_the_console_of_a_full_run(tmp_path: Path) -> None:
     api_token = "api-token-SECRET-" + uuid.uuid4().hex
     webhook_secret = "webhook-SECRET-" + uuid.uuid4().hex
     redis_pw = "redis-pw-SECRET-" + uuid.uuid4().hex[:12]
@@ -211,7 +253,12 @@ def test_no_secret_appears_in_any_worker_log_of_a_full_run(tmp_path: Path) -> No
     for name, text in logs.items():
         for secret in (api_token, webhook_secret, redis_pw, kafka_pw):
             assert secret not in text, f"{secret[:12]}... appears in {name}"
-    # The console shows the operator the dashboard link and the join hint (`export LINEWATCH_REDIS__URL=...`,
-    # API token), both theirs; never a subscriber's secret or the broker password.
-    for secret in (webhook_secret, kafka_pw):
-        assert secret not in proc.stdout + proc.stderr, f"{secret[:12]}... appears on the console"
+    # The console (often a log file or journald: here a pipe) shows the join hint and the dashboard link
+    # without credentials; the join file, readable by its owner only, holds them.
+    console = proc.stdout + proc.stderr
+    assert "export LINEWATCH_REDIS__URL=" in console and "dashboard: " in console, console[-2000:]
+    for secret in (api_token, webhook_secret, redis_pw, kafka_pw):
+        assert secret not in console, f"{secret[:12]}... appears on the console"
+    site_env = tmp_path / "data" / "site.env"
+    assert site_env.stat().st_mode & 0o777 == 0o600
+    assert redis_url in site_env.read_text() and api_token in site_env.read_text()

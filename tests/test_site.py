@@ -55,6 +55,7 @@ class RunningSite:
 
     def __init__(self, cfg: Path, data_dir: Path, run_dir: Path, *extra: str) -> None:
         self.api_port = free_port()
+        self.data_dir = data_dir
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "--config", str(cfg), "run", "--data-dir", str(data_dir),
              "--run-dir", str(run_dir), "--api-port", str(self.api_port), *extra],
@@ -78,7 +79,9 @@ class RunningSite:
         raise AssertionError(f"{marker!r} never printed:\n{self.text}")
 
     def exports(self) -> dict[str, str]:
-        return dict(re.findall(r"export (LINEWATCH_\w+)=(\S+)", self.text))
+        """What the join hint's file sets (the console shows the credentials as ***)."""
+        assert f". {self.data_dir / 'site.env'}" in self.text, self.text
+        return dict(re.findall(r"export (LINEWATCH_\w+)=(\S+)", (self.data_dir / "site.env").read_text()))
 
     def terminate(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
@@ -167,6 +170,8 @@ def test_run_serves_joins_stops_on_sigterm_and_keeps_subscriptions(shared_data: 
         joined = site.exports()
         assert {"LINEWATCH_CONFIG", "LINEWATCH_KAFKA__BOOTSTRAP_SERVERS", "LINEWATCH_REDIS__URL",
                 "LINEWATCH_API__TOKEN"} <= set(joined)
+        # Piped output is a log: the generated token stays in the file.
+        assert joined["LINEWATCH_API__TOKEN"] not in site.text and "export LINEWATCH_API__TOKEN=***" in site.text
         # Another shell joins with the printed exports; allow_private_networks comes from the same file.
         env = clean_env(**joined)
         add = subprocess.run([sys.executable, "-m", "pipeline.cli", "subscriptions", "add", "lead",

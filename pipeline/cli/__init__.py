@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipeline.logging import configure_logging
+from pipeline.logging import configure_logging, redact
 
 
 class CommandError(Exception):
@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (*USER_ERRORS, WeightsError, LLMError, FrameDecodeError) as exc:
-        sys.stderr.write(f"linewatch {args.command}: error: {exc}\n")
+        # An error may quote a URL or setting (cannot reach Redis at ...): never its credentials.
+        sys.stderr.write(f"linewatch {args.command}: error: {redact(str(exc))}\n")
         return 2
 
 
