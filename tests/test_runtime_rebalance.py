@@ -185,7 +185,7 @@ def test_a_partition_paused_when_revoked_is_not_left_paused(kafka_settings: Kafk
         step_until(a, lambda: len(stage.assigned) >= 2, "A's new assignment")
         stage.is_busy = False  # before A's next step: the runtime sees no change of backpressure
         send(kafka_settings, {0: [b"second"]})
-        step_until(a, lambda: len(stage.handled) >= 2, "the record sent after the rebalance", timeout_s=20)
+        step_until(a, lambda: len(stage.handled) >= 2, "the record sent after the rebalance", timeout_s=60)
         assert stage.handled == [b"first", b"second"]
     finally:
         a.close()
