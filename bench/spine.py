@@ -40,9 +40,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from pipeline.bus import create_topics, make_consumer, make_producer, topic_name
 from pipeline.config import EngineSettings, KafkaSettings, ScoringSettings, Settings
 from pipeline.embedded import EmbeddedBroker
-from pipeline.engine.engine import AnomalyEngine, _crop, frame_size
+from pipeline.engine.engine import AnomalyEngine, FrameScore, _crop, frame_size
 from pipeline.engine.tiling import UNTILED, plan_tiles
 from pipeline.imaging import encode_jpeg
+from pipeline.runtime.envelope import Envelope
 from pipeline.scoring.stage import Frame, ScoringStage
 from schemas import FrameHeader, ScoreMessage
 
@@ -123,29 +124,56 @@ def publish(producer: object, topic: str, jpegs: list[bytes], size: tuple[int, i
     producer.flush()  # type: ignore[attr-defined]
 
 
+def poll_batch(consumer: KafkaConsumer, batch: int, max_wait_ms: int, idle_timeout_ms: int) -> list[Envelope]:
+    """Up to ``batch`` records as the runtime fetches them: wait for the first (at most
+    idle_timeout_ms), then at most max_wait_ms for the rest."""
+    out: list[Envelope] = []
+    timeout_ms = idle_timeout_ms
+    deadline: float | None = None
+    while len(out) < batch:
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=batch - len(out))
+        out.extend(Envelope.from_record(r) for recs in polled.values() for r in recs)
+        if not out:
+            return out
+        if deadline is None:
+            deadline = time.monotonic() + max_wait_ms / 1000.0
+        timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        if timeout_ms == 0:
+            break
+    return out
+
+
 def stage_costs(engine: AnomalyEngine, kafka: KafkaSettings, size: tuple[int, int], jpegs: list[bytes], n: int,
                 batch: int) -> tuple[dict[str, float], float]:
-    """Seconds per frame of each stage of the worker's path, and the path's frames/s."""
-    from workers.score import poll_batch
+    """Seconds per frame of each stage of the worker's path, and the path's frames/s.
 
+    The runtime's hooks in one thread, stage by stage: ``ScoringStage.decode`` per record (the
+    runtime's decode pool runs the same), the engine's ``score`` split into preprocess, forward
+    and post-process, the score message as ``ScoringStage.handle`` builds it, then send and ack.
+    """
     create_topics(kafka, names=("frames", "scores"))
     producer = make_producer(kafka)
     publish(producer, topic_name(kafka, "frames"), jpegs, size, n)
     consumer = make_consumer(kafka, f"{kafka.topic_prefix}-stages", [topic_name(kafka, "frames")])
     stage = ScoringStage(engine, ScoringSettings(staleness_s=None, max_batch=batch))
+    stage.prepare_classes([CLASS])
     scores_topic = topic_name(kafka, "scores")
     spent: dict[str, float] = defaultdict(float)
     done = 0
     warm = False
     while done < n:
         t0 = time.perf_counter()
-        records = poll_batch(consumer, batch, 50, idle_timeout_ms=5000)
-        if not records:
+        envelopes = poll_batch(consumer, batch, 50, idle_timeout_ms=5000)
+        if not envelopes:
             raise TimeoutError(f"waited 5 s for frames; {done} of {n} came")
         t1 = time.perf_counter()
-        frames = [stage.accept(r.value, r.headers, r) for r in records]
-        decoded = [stage.decode_frame(f) for f in frames if isinstance(f, Frame)]
-        ready, _ = stage._ready([f for f in decoded if isinstance(f, Frame)])
+        decoded = [stage.decode(env) for env in envelopes]
+        frames = [f for f in decoded if isinstance(f, Frame)]
+        if len(frames) != len(envelopes):
+            raise RuntimeError(f"frames refused: {[f for f in decoded if not isinstance(f, Frame)]}")
+        ready, failed = stage._ready(frames)  # decoded already: no work, as in the runtime
+        if failed:
+            raise RuntimeError(f"frames failed to decode: {failed}")
         t2 = time.perf_counter()
         images = [r.image for r in ready]
         sizes = [frame_size(im) for im in images]  # type: ignore[arg-type]
@@ -159,23 +187,22 @@ def stage_costs(engine: AnomalyEngine, kafka: KafkaSettings, size: tuple[int, in
         t4 = time.perf_counter()
         maps, frame_scores = engine._postprocess(grid, scores, plans)
         t5 = time.perf_counter()
-        from pipeline.engine.engine import FrameScore
-
-        payloads = [(r.frame, stage._message(r, FrameScore(s, m, p.frame_size)).model_dump_json().encode())
-                    for r, s, m, p in zip(ready, frame_scores, maps, plans, strict=True)]
+        scored = [(r.frame, stage._stamp(r.frame, stage._message(r, FrameScore(s, m, p.frame_size))))
+                  for r, s, m, p in zip(ready, frame_scores, maps, plans, strict=True)]
+        outputs = stage._result(scored, []).outputs
         t6 = time.perf_counter()
-        futures = [producer.send(scores_topic, key=f.header.camera_id.encode(), value=v) for f, v in payloads]
+        futures = [producer.send(scores_topic, key=o.key, value=o.value) for o in outputs]
         producer.flush()
         for fut in futures:
             fut.get(timeout=30)
         t7 = time.perf_counter()
         if not warm:  # the first batch pays one-off costs (allocations, the consumer's join)
             warm = True
-            n -= len(records)
+            n -= len(envelopes)
             continue
         for name, sec in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6), strict=True):
             spent[name] += sec
-        done += len(records)
+        done += len(envelopes)
     consumer.close()
     producer.close()
     per_frame = {k: spent[k] / done for k in STAGES}
