@@ -244,8 +244,9 @@ def serve() -> None:
     run_score(settings, stop, engine=engine)
 
 
-def read_scores(kafka: KafkaSettings, n: int, timeout: float) -> list[float]:
-    """Arrival times of the first n scores on the scores topic."""
+def read_scores(kafka: KafkaSettings, n: int, timeout: float,
+                children: list[subprocess.Popen[bytes]] | None = None) -> list[float]:
+    """Arrival times of the first n scores on the scores topic (fails at once if a scorer died)."""
     consumer = KafkaConsumer(**kafka.client_kwargs(), enable_auto_commit=False)
     tps = [TopicPartition(topic_name(kafka, "scores"), p) for p in range(kafka.partitions)]
     consumer.assign(tps)
@@ -256,6 +257,9 @@ def read_scores(kafka: KafkaSettings, n: int, timeout: float) -> list[float]:
         while len(arrived) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"waited {timeout:.0f} s for scores; {len(arrived)} of {n} came")
+            dead = [c.returncode for c in children or [] if c.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a scorer process exited (status {dead[0]}); {len(arrived)} of {n} scores came")
             for recs in consumer.poll(timeout_ms=200).values():
                 now = time.perf_counter()
                 for r in recs:
@@ -279,7 +283,7 @@ def e2e_fps(args: argparse.Namespace, method: str, broker: EmbeddedBroker, prefi
     children = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve"], env=env)
                 for _ in range(workers)]
     try:
-        arrived = read_scores(kafka, n, timeout=args.timeout)
+        arrived = read_scores(kafka, n, timeout=args.timeout, children=children)
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)
