@@ -11,7 +11,8 @@
           with the real forward and with a forward that costs nothing (the ceiling);
 - e2e:    ``linewatch score`` processes (``--workers 1 2 4`` of them in one consumer group) fed
           frames already waiting on the embedded tansu broker; frames/s from the first score to
-          the last, with the real forward and with the free one.
+          the last, and the processes' CPU ms per frame over that span (``cpu_ms``: moves less
+          with other processes' load than frames/s), with the real forward and with the free one.
 ``all`` (the default) runs bare at ``--batch``, stages and e2e for every size and method, and prints
 each worker figure as a ratio to the bare forward measured in the same run.
 """
@@ -244,14 +245,28 @@ def serve() -> None:
     run_score(settings, stop, engine=engine)
 
 
-def read_scores(kafka: KafkaSettings, n: int, timeout: float,
-                children: list[subprocess.Popen[bytes]] | None = None) -> list[float]:
-    """Arrival times of the first n scores on the scores topic (fails at once if a scorer died)."""
+def cpu_seconds(children: list[subprocess.Popen[bytes]]) -> float:
+    """User + system CPU seconds the scorer processes have used so far (Linux /proc; nan elsewhere)."""
+    total = 0
+    for child in children:
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def read_scores(kafka: KafkaSettings, n: int, timeout: float, children: list[subprocess.Popen[bytes]] | None = None,
+                ) -> tuple[list[float], list[tuple[int, float]]]:
+    """Arrival times of the first n scores on the scores topic, and after each poll that brought some,
+    (scores so far, the scorers' CPU seconds so far); fails at once if a scorer died."""
     consumer = KafkaConsumer(**kafka.client_kwargs(), enable_auto_commit=False)
     tps = [TopicPartition(topic_name(kafka, "scores"), p) for p in range(kafka.partitions)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     arrived: list[float] = []
+    cpu: list[tuple[int, float]] = []
     deadline = time.monotonic() + timeout
     try:
         while len(arrived) < n:
@@ -260,19 +275,23 @@ def read_scores(kafka: KafkaSettings, n: int, timeout: float,
             dead = [c.returncode for c in children or [] if c.poll() is not None]
             if dead:
                 raise RuntimeError(f"a scorer process exited (status {dead[0]}); {len(arrived)} of {n} scores came")
-            for recs in consumer.poll(timeout_ms=200).values():
-                now = time.perf_counter()
+            polled = consumer.poll(timeout_ms=200)
+            now = time.perf_counter()
+            for recs in polled.values():
                 for r in recs:
                     ScoreMessage.model_validate_json(r.value)
                     arrived.append(now)
+            if polled and children:
+                cpu.append((len(arrived), cpu_seconds(children)))
     finally:
         consumer.close()
-    return arrived
+    return arrived, cpu
 
 
 def e2e_fps(args: argparse.Namespace, method: str, broker: EmbeddedBroker, prefix: str, size: tuple[int, int],
-            jpegs: list[bytes], n: int, workers: int, free: bool) -> float:
-    """Frames/s of `workers` scorer processes over n waiting frames, first score to last."""
+            jpegs: list[bytes], n: int, workers: int, free: bool) -> tuple[float, float]:
+    """Frames/s of `workers` scorer processes over n waiting frames, first score to last, and their
+    CPU ms per frame over the same span (other processes' load changes it less than frames/s)."""
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix,
                           partitions=max(4, workers))
     create_topics(kafka, names=("frames", "scores", "dlq"))
@@ -283,7 +302,7 @@ def e2e_fps(args: argparse.Namespace, method: str, broker: EmbeddedBroker, prefi
     children = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve"], env=env)
                 for _ in range(workers)]
     try:
-        arrived = read_scores(kafka, n, timeout=args.timeout, children=children)
+        arrived, cpu = read_scores(kafka, n, timeout=args.timeout, children=children)
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)
@@ -294,7 +313,10 @@ def e2e_fps(args: argparse.Namespace, method: str, broker: EmbeddedBroker, prefi
                 child.kill()
     # Skip the first batch of each worker: model warm-up and the group's join are not throughput.
     skip = min(len(arrived) // 2, args.batch * workers)
-    return (len(arrived) - 1 - skip) / max(1e-9, arrived[-1] - arrived[skip])
+    fps = (len(arrived) - 1 - skip) / max(1e-9, arrived[-1] - arrived[skip])
+    # The CPU sample taken with the poll that brought score `skip` up to the last one: the same span.
+    (first, cpu0), (last, cpu1) = next(m for m in cpu if m[0] > skip), cpu[-1]
+    return fps, (1000 * (cpu1 - cpu0) / (last - first) if last > first else float("nan"))
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -384,10 +406,11 @@ def main() -> None:
                         for mode, n in modes:
                             around = mode == "real" and ref is not None
                             before = bare_fps(engine, args.batch, args.iters) if around else 0.0
-                            fps = e2e_fps(args, method, broker, f"e2e-{method}-{label}-{mode}-{workers}", size, jpegs,
-                                          max(n, 4 * args.batch * workers), workers, mode == "free")
+                            fps, cpu_ms = e2e_fps(args, method, broker, f"e2e-{method}-{label}-{mode}-{workers}",
+                                                  size, jpegs, max(n, 4 * args.batch * workers), workers,
+                                                  mode == "free")
                             row = {"phase": "e2e", "method": method, "size": label, "forward": mode,
-                                   "workers": workers, "fps": fps}
+                                   "workers": workers, "fps": fps, "cpu_ms": cpu_ms}
                             if around:
                                 now = (before + bare_fps(engine, args.batch, args.iters)) / 2
                                 row["bare_fps"], row["x_bare"] = now, fps / now
