@@ -4,9 +4,9 @@ The model forward is worth torch's OpenMP team; preprocessing and post-processin
 normalisation per frame, two small matmuls per map: a few MFLOP) are not. With the team on them,
 every op waits at a barrier for a second thread that the worker's own decode threads keep off
 the CPU on a small machine, and that thread then spins between ops, taking the CPU the decode
-threads need: on 2 cores it halved the free-forward throughput of the 1080p scoring worker
-(bench/README.md, Spine). The results do not depend on the thread count (elementwise ops and
-matmuls too small to split their sums).
+threads need: on 2 cores the 1080p scoring worker spent 6.8-20.7 ms of CPU per frame with a free
+forward, 4.5-6.5 without (bench/README.md, Spine). The results do not depend on the thread count
+(elementwise ops and matmuls too small to split their sums).
 """
 
 from __future__ import annotations
