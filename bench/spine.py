@@ -11,7 +11,8 @@
           with the real forward and with a forward that costs nothing (the ceiling);
 - e2e:    ``linewatch score`` processes (``--workers 1 2 4`` of them in one consumer group) fed
           frames already waiting on the embedded tansu broker; frames/s from the first score to
-          the last, with the real forward and with the free one.
+          the last, and the processes' CPU ms per frame over that span (``cpu_ms``: moves less
+          with other processes' load than frames/s), with the real forward and with the free one.
 ``all`` (the default) runs bare at ``--batch``, stages and e2e for every size and method, and prints
 each worker figure as a ratio to the bare forward measured in the same run.
 """
@@ -40,9 +41,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from pipeline.bus import create_topics, make_consumer, make_producer, topic_name
 from pipeline.config import EngineSettings, KafkaSettings, ScoringSettings, Settings
 from pipeline.embedded import EmbeddedBroker
-from pipeline.engine.engine import AnomalyEngine, _crop, frame_size
+from pipeline.engine.engine import AnomalyEngine, FrameScore, _crop, frame_size
 from pipeline.engine.tiling import UNTILED, plan_tiles
 from pipeline.imaging import encode_jpeg
+from pipeline.runtime.envelope import Envelope
 from pipeline.scoring.stage import Frame, ScoringStage
 from schemas import FrameHeader, ScoreMessage
 
@@ -123,29 +125,56 @@ def publish(producer: object, topic: str, jpegs: list[bytes], size: tuple[int, i
     producer.flush()  # type: ignore[attr-defined]
 
 
+def poll_batch(consumer: KafkaConsumer, batch: int, max_wait_ms: int, idle_timeout_ms: int) -> list[Envelope]:
+    """Up to ``batch`` records as the runtime fetches them: wait for the first (at most
+    idle_timeout_ms), then at most max_wait_ms for the rest."""
+    out: list[Envelope] = []
+    timeout_ms = idle_timeout_ms
+    deadline: float | None = None
+    while len(out) < batch:
+        polled = consumer.poll(timeout_ms=timeout_ms, max_records=batch - len(out))
+        out.extend(Envelope.from_record(r) for recs in polled.values() for r in recs)
+        if not out:
+            return out
+        if deadline is None:
+            deadline = time.monotonic() + max_wait_ms / 1000.0
+        timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+        if timeout_ms == 0:
+            break
+    return out
+
+
 def stage_costs(engine: AnomalyEngine, kafka: KafkaSettings, size: tuple[int, int], jpegs: list[bytes], n: int,
                 batch: int) -> tuple[dict[str, float], float]:
-    """Seconds per frame of each stage of the worker's path, and the path's frames/s."""
-    from workers.score import poll_batch
+    """Seconds per frame of each stage of the worker's path, and the path's frames/s.
 
+    The runtime's hooks in one thread, stage by stage: ``ScoringStage.decode`` per record (the
+    runtime's decode pool runs the same), the engine's ``score`` split into preprocess, forward
+    and post-process, the score message as ``ScoringStage.handle`` builds it, then send and ack.
+    """
     create_topics(kafka, names=("frames", "scores"))
     producer = make_producer(kafka)
     publish(producer, topic_name(kafka, "frames"), jpegs, size, n)
     consumer = make_consumer(kafka, f"{kafka.topic_prefix}-stages", [topic_name(kafka, "frames")])
     stage = ScoringStage(engine, ScoringSettings(staleness_s=None, max_batch=batch))
+    stage.prepare_classes([CLASS])
     scores_topic = topic_name(kafka, "scores")
     spent: dict[str, float] = defaultdict(float)
     done = 0
     warm = False
     while done < n:
         t0 = time.perf_counter()
-        records = poll_batch(consumer, batch, 50, idle_timeout_ms=5000)
-        if not records:
+        envelopes = poll_batch(consumer, batch, 50, idle_timeout_ms=5000)
+        if not envelopes:
             raise TimeoutError(f"waited 5 s for frames; {done} of {n} came")
         t1 = time.perf_counter()
-        frames = [stage.accept(r.value, r.headers, r) for r in records]
-        decoded = [stage.decode_frame(f) for f in frames if isinstance(f, Frame)]
-        ready, _ = stage._ready([f for f in decoded if isinstance(f, Frame)])
+        decoded = [stage.decode(env) for env in envelopes]
+        frames = [f for f in decoded if isinstance(f, Frame)]
+        if len(frames) != len(envelopes):
+            raise RuntimeError(f"frames refused: {[f for f in decoded if not isinstance(f, Frame)]}")
+        ready, failed = stage._ready(frames)  # decoded already: no work, as in the runtime
+        if failed:
+            raise RuntimeError(f"frames failed to decode: {failed}")
         t2 = time.perf_counter()
         images = [r.image for r in ready]
         sizes = [frame_size(im) for im in images]  # type: ignore[arg-type]
@@ -159,23 +188,22 @@ def stage_costs(engine: AnomalyEngine, kafka: KafkaSettings, size: tuple[int, in
         t4 = time.perf_counter()
         maps, frame_scores = engine._postprocess(grid, scores, plans)
         t5 = time.perf_counter()
-        from pipeline.engine.engine import FrameScore
-
-        payloads = [(r.frame, stage._message(r, FrameScore(s, m, p.frame_size)).model_dump_json().encode())
-                    for r, s, m, p in zip(ready, frame_scores, maps, plans, strict=True)]
+        scored = [(r.frame, stage._stamp(r.frame, stage._message(r, FrameScore(s, m, p.frame_size))))
+                  for r, s, m, p in zip(ready, frame_scores, maps, plans, strict=True)]
+        outputs = stage._result(scored, []).outputs
         t6 = time.perf_counter()
-        futures = [producer.send(scores_topic, key=f.header.camera_id.encode(), value=v) for f, v in payloads]
+        futures = [producer.send(scores_topic, key=o.key, value=o.value) for o in outputs]
         producer.flush()
         for fut in futures:
             fut.get(timeout=30)
         t7 = time.perf_counter()
         if not warm:  # the first batch pays one-off costs (allocations, the consumer's join)
             warm = True
-            n -= len(records)
+            n -= len(envelopes)
             continue
         for name, sec in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6), strict=True):
             spent[name] += sec
-        done += len(records)
+        done += len(envelopes)
     consumer.close()
     producer.close()
     per_frame = {k: spent[k] / done for k in STAGES}
@@ -217,31 +245,53 @@ def serve() -> None:
     run_score(settings, stop, engine=engine)
 
 
-def read_scores(kafka: KafkaSettings, n: int, timeout: float) -> list[float]:
-    """Arrival times of the first n scores on the scores topic."""
+def cpu_seconds(children: list[subprocess.Popen[bytes]]) -> float:
+    """User + system CPU seconds the scorer processes have used so far (Linux /proc; nan elsewhere)."""
+    total = 0
+    for child in children:
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def read_scores(kafka: KafkaSettings, n: int, timeout: float, children: list[subprocess.Popen[bytes]] | None = None,
+                ) -> tuple[list[float], list[tuple[int, float]]]:
+    """Arrival times of the first n scores on the scores topic, and after each poll that brought some,
+    (scores so far, the scorers' CPU seconds so far); fails at once if a scorer died."""
     consumer = KafkaConsumer(**kafka.client_kwargs(), enable_auto_commit=False)
     tps = [TopicPartition(topic_name(kafka, "scores"), p) for p in range(kafka.partitions)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     arrived: list[float] = []
+    cpu: list[tuple[int, float]] = []
     deadline = time.monotonic() + timeout
     try:
         while len(arrived) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"waited {timeout:.0f} s for scores; {len(arrived)} of {n} came")
-            for recs in consumer.poll(timeout_ms=200).values():
-                now = time.perf_counter()
+            dead = [c.returncode for c in children or [] if c.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a scorer process exited (status {dead[0]}); {len(arrived)} of {n} scores came")
+            polled = consumer.poll(timeout_ms=200)
+            now = time.perf_counter()
+            for recs in polled.values():
                 for r in recs:
                     ScoreMessage.model_validate_json(r.value)
                     arrived.append(now)
+            if polled and children:
+                cpu.append((len(arrived), cpu_seconds(children)))
     finally:
         consumer.close()
-    return arrived
+    return arrived, cpu
 
 
 def e2e_fps(args: argparse.Namespace, method: str, broker: EmbeddedBroker, prefix: str, size: tuple[int, int],
-            jpegs: list[bytes], n: int, workers: int, free: bool) -> float:
-    """Frames/s of `workers` scorer processes over n waiting frames, first score to last."""
+            jpegs: list[bytes], n: int, workers: int, free: bool) -> tuple[float, float]:
+    """Frames/s of `workers` scorer processes over n waiting frames, first score to last, and their
+    CPU ms per frame over the same span (other processes' load changes it less than frames/s)."""
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix,
                           partitions=max(4, workers))
     create_topics(kafka, names=("frames", "scores", "dlq"))
@@ -252,7 +302,7 @@ def e2e_fps(args: argparse.Namespace, method: str, broker: EmbeddedBroker, prefi
     children = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "serve"], env=env)
                 for _ in range(workers)]
     try:
-        arrived = read_scores(kafka, n, timeout=args.timeout)
+        arrived, cpu = read_scores(kafka, n, timeout=args.timeout, children=children)
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)
@@ -263,7 +313,10 @@ def e2e_fps(args: argparse.Namespace, method: str, broker: EmbeddedBroker, prefi
                 child.kill()
     # Skip the first batch of each worker: model warm-up and the group's join are not throughput.
     skip = min(len(arrived) // 2, args.batch * workers)
-    return (len(arrived) - 1 - skip) / max(1e-9, arrived[-1] - arrived[skip])
+    fps = (len(arrived) - 1 - skip) / max(1e-9, arrived[-1] - arrived[skip])
+    # The CPU sample taken with the poll that brought score `skip` up to the last one: the same span.
+    (first, cpu0), (last, cpu1) = next(m for m in cpu if m[0] > skip), cpu[-1]
+    return fps, (1000 * (cpu1 - cpu0) / (last - first) if last > first else float("nan"))
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -353,10 +406,11 @@ def main() -> None:
                         for mode, n in modes:
                             around = mode == "real" and ref is not None
                             before = bare_fps(engine, args.batch, args.iters) if around else 0.0
-                            fps = e2e_fps(args, method, broker, f"e2e-{method}-{label}-{mode}-{workers}", size, jpegs,
-                                          max(n, 4 * args.batch * workers), workers, mode == "free")
+                            fps, cpu_ms = e2e_fps(args, method, broker, f"e2e-{method}-{label}-{mode}-{workers}",
+                                                  size, jpegs, max(n, 4 * args.batch * workers), workers,
+                                                  mode == "free")
                             row = {"phase": "e2e", "method": method, "size": label, "forward": mode,
-                                   "workers": workers, "fps": fps}
+                                   "workers": workers, "fps": fps, "cpu_ms": cpu_ms}
                             if around:
                                 now = (before + bare_fps(engine, args.batch, args.iters)) / 2
                                 row["bare_fps"], row["x_bare"] = now, fps / now

@@ -29,3 +29,4 @@ def test_gpu_bench_runs_every_step_in_cpu_small_mode(tmp_path: Path) -> None:
     e2e = [r for r in json.loads((out / "e2e-alfa.json").read_text()) if r["phase"] == "e2e"]
     assert sorted(r["workers"] for r in e2e) == [1, 2]
     assert all(r["fps"] > 0 and r["size"] == "320x240" and r["forward"] == "real" for r in e2e)
+    assert all(r["cpu_ms"] > 0 for r in e2e)  # the scorers' CPU per frame, read from /proc

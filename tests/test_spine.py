@@ -16,7 +16,7 @@ import torch
 from pipeline.alerting.render import mask_from_map, regions_from_mask
 from pipeline.config import CameraConfig, EngineSettings, ScoringSettings
 from pipeline.engine.engine import ALFA_SIGMA_PX, AnomalyEngine
-from pipeline.engine.scoring import gaussian_blur, upsample_maps
+from pipeline.engine.scoring import gaussian_blur, upsample_maps, upsample_smooth
 from pipeline.engine.tiling import TileGrid, plan_tiles, smoothing_sigma, stitch
 from pipeline.imaging import (
     FrameDecodeError,
@@ -205,3 +205,66 @@ def test_a_defect_in_one_tile_is_found_at_its_place_in_the_frame() -> None:
     r = regions[0]
     cy, cx = r.y + r.height / 2, r.x + r.width / 2
     assert y - 40 <= cy <= y + size + 40 and x - 40 <= cx <= x + size + 40, r
+
+
+# -- threads ----------------------------------------------------------------------------------------
+def test_per_frame_host_ops_run_on_one_thread_with_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preprocessing and post-processing run on one intra-op thread (pipeline.engine.threads), the
+    forward keeps the configured count, and the numbers are bitwise those of the full team."""
+    import threading
+
+    import pipeline.engine.engine as engine_module
+    from pipeline.engine.preprocess import preprocess
+    from pipeline.engine.threads import one_intra_op_thread, pin_intra_op_threads
+
+    torch.set_num_threads(2)
+    engine = make_engine("alfa")
+    frames = [texture(270, 480, 3), texture(240, 320, 4)]
+    seen: dict[str, list[int]] = {"preprocess": [], "upsample_smooth": [], "forward": []}
+
+    def counting(name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen[name].append(torch.get_num_threads())
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(engine_module, "preprocess", counting("preprocess", preprocess))
+    monkeypatch.setattr(engine_module, "upsample_smooth", counting("upsample_smooth", upsample_smooth))
+    forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", counting("forward", forward))
+    engine.score(frames, CLASS)
+    # Two frame sizes: two blurs, one batch each.
+    assert seen == {"preprocess": [1], "upsample_smooth": [1, 1], "forward": [2]}
+    assert torch.get_num_threads() == 2
+
+    bb = engine.backbone
+    full = preprocess(frames, bb.image_size, bb.mean, bb.std)  # with the team
+    assert torch.equal(engine._prepare(frames), full)
+    scores, grid = forward(full, CLASS)
+    plans = [plan_tiles(f.shape[:2], engine.input_size) for f in frames]
+    maps, _ = engine._postprocess(grid, scores, plans)
+    for i, plan in enumerate(plans):
+        sigma = smoothing_sigma(plan.frame_size, plan.canvas_size, ALFA_SIGMA_PX)
+        assert np.array_equal(maps[i], upsample_smooth(grid[i : i + 1], engine.input_size, sigma)[0].numpy())
+
+    # A thread whose first torch op comes while another thread is inside the scope starts from its
+    # count (why the stage's class-prepare thread pins its own); the scope ends restored.
+    counts: dict[str, int] = {}
+
+    def plain() -> None:
+        counts["plain"] = torch.get_num_threads()
+
+    def pinned() -> None:
+        pin_intra_op_threads(2)
+        counts["pinned"] = torch.get_num_threads()
+
+    with one_intra_op_thread():
+        assert torch.get_num_threads() == 1
+        for target in (plain, pinned):
+            t = threading.Thread(target=target)
+            t.start()
+            t.join()
+    assert counts == {"plain": 1, "pinned": 2} and torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError), one_intra_op_thread():
+        raise RuntimeError("restored anyway")
+    assert torch.get_num_threads() == 2

@@ -28,6 +28,7 @@ from pipeline.engine.preprocess import Frame, preprocess
 from pipeline.engine.prompt_cache import NullCache, PromptCache, cache_key
 from pipeline.engine.prompting import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, object_name
 from pipeline.engine.scoring import upsample_maps, upsample_smooth
+from pipeline.engine.threads import one_intra_op_thread
 from pipeline.engine.tiling import UNTILED, TileGrid, TilePlan, plan_tiles, smoothing_sigma, stitch
 from pipeline.engine.weights import load_backbone
 from pipeline.engine.winclip import ReferenceMemory, WinClip
@@ -276,7 +277,8 @@ class AnomalyEngine:
 
     def _prepare(self, frames: Sequence[Frame]) -> torch.Tensor:
         bb = self.backbone
-        return preprocess(frames, bb.image_size, bb.mean, bb.std, device=self.device)
+        with one_intra_op_thread():  # small per-frame ops (see pipeline.engine.threads)
+            return preprocess(frames, bb.image_size, bb.mean, bb.std, device=self.device)
 
     def _autocast(self) -> object:
         return self.precision.model_autocast(self.device)
@@ -331,8 +333,13 @@ class AnomalyEngine:
 
         Upsampling and smoothing are two small matrix products per map (scoring.upsample_smooth),
         on the engine's device; untiled frames sharing a blur go as one batch; only the
-        model-resolution maps are copied to the host.
+        model-resolution maps are copied to the host. One intra-op thread (pipeline.engine.threads).
         """
+        with one_intra_op_thread():
+            return self._postprocess_maps(grid, scores, plans)
+
+    def _postprocess_maps(self, grid: torch.Tensor, scores: torch.Tensor, plans: Sequence[TilePlan],
+                          ) -> tuple[list[np.ndarray], list[float]]:
         def sigma_of(plan: TilePlan) -> tuple[float, float]:
             if self.method != "alfa":
                 return 0.0, 0.0

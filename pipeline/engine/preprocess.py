@@ -44,7 +44,8 @@ def resize_frame(frame: Frame, size: tuple[int, int]) -> torch.Tensor:
 
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, 3, h, w) uint8 -> normalised fp32 on the same device."""
-    return TF.normalize(batch.float().div_(255.0), list(mean), list(std))
+    # In place on the fresh float copy: the same arithmetic without a second batch-size buffer.
+    return TF.normalize(batch.float().div_(255.0), list(mean), list(std), inplace=True)
 
 
 def preprocess(frames: Sequence[Frame], size: tuple[int, int], mean: Sequence[float],

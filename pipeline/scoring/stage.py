@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.config import CameraConfig, ScoringSettings
 from pipeline.engine import gpu_decode
 from pipeline.engine.engine import AnomalyEngine, FrameScore
+from pipeline.engine.threads import pin_intra_op_threads
 from pipeline.engine.tiling import UNTILED, TileGrid
 from pipeline.imaging import FrameDecodeError, decode_image_scaled, decode_scale, quantize_map, thumbnail_jpeg
 from pipeline.logging import get_logger
@@ -302,7 +304,10 @@ class ScoringStage(Stage):
             future = self._preparing.get(product_class)
             if future is None:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="class-prepare")
+                    # Its forwards (prompts, references) keep the thread count of this thread.
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="class-prepare",
+                                                        initializer=pin_intra_op_threads,
+                                                        initargs=(torch.get_num_threads(),))
                 log.info("class_preparing_in_background", product_class=product_class)
                 future = self._executor.submit(self._prepare, product_class)
                 self._preparing[product_class] = future
