@@ -8,6 +8,7 @@ processes) at toy sizes on the CPU, so the script a GPU machine runs is known to
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,4 +30,7 @@ def test_gpu_bench_runs_every_step_in_cpu_small_mode(tmp_path: Path) -> None:
     e2e = [r for r in json.loads((out / "e2e-alfa.json").read_text()) if r["phase"] == "e2e"]
     assert sorted(r["workers"] for r in e2e) == [1, 2]
     assert all(r["fps"] > 0 and r["size"] == "320x240" and r["forward"] == "real" for r in e2e)
-    assert all(r["cpu_ms"] > 0 for r in e2e)  # the scorers' CPU per frame, read from /proc
+    # The scorers' CPU per frame, read from /proc; NaN when a toy run's measured scores all came in
+    # one poll (no span to divide by), which the 2-worker run of 8 frames can hit.
+    assert all(r["cpu_ms"] > 0 or math.isnan(r["cpu_ms"]) for r in e2e)
+    assert any(r["cpu_ms"] > 0 for r in e2e)

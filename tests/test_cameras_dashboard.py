@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
@@ -19,6 +20,20 @@ from tests.test_dashboard import browser, console_errors, open_dashboard, server
 
 def row_selector(cid: str) -> str:
     return f'#camera-registry-table tr[data-camera-id="{cid}"]'
+
+
+def click_row_button(driver: WebDriver, cid: str, index: int, what: str) -> None:
+    """Click a button of a camera's row; the table re-renders as health comes in, so a button found
+    just before can be gone: find it again until the click lands."""
+
+    def attempt(d: WebDriver) -> bool:
+        try:
+            d.find_elements(By.CSS_SELECTOR, f"{row_selector(cid)} button")[index].click()
+        except (StaleElementReferenceException, IndexError):
+            return False
+        return True
+
+    wait(driver, attempt, what)
 
 
 def test_cameras_added_changed_removed_and_health_shown(browser: WebDriver, server: ApiServer) -> None:  # noqa: F811
@@ -49,7 +64,7 @@ def test_cameras_added_changed_removed_and_health_shown(browser: WebDriver, serv
         assert "4.2" in text and "worker-x" in text
 
         # Change the frame rate only: the masked source shown is not sent back.
-        browser.find_element(By.CSS_SELECTOR, f"{row_selector(cid)} button").click()
+        click_row_button(browser, cid, 0, "the row's edit button")
         fps = browser.find_element(By.CSS_SELECTOR, "#camera-form [name=fps]")
         fps.clear()
         fps.send_keys("9")
@@ -57,7 +72,7 @@ def test_cameras_added_changed_removed_and_health_shown(browser: WebDriver, serv
         wait(browser, lambda d: registry.get(cid).fps == 9.0, "the changed frame rate in the registry")
         assert registry.get(cid).source == "rtsp://op:pw@10.1.2.3/s"
 
-        browser.find_elements(By.CSS_SELECTOR, f"{row_selector(cid)} button")[1].click()
+        click_row_button(browser, cid, 1, "the row's remove button")
         browser.switch_to.alert.accept()
         wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, row_selector(cid)), "the row to go")
         assert cid not in registry.all()
