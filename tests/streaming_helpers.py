@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,18 @@ from pipeline.engine.engine import AnomalyEngine
 from pipeline.imaging import encode_jpeg
 from schemas import FrameHeader
 from tests.engine_helpers import SMALL, backbone
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """Ctrl-C every worker process still running, then wait for each; kill the ones that hang."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def small_engine(method: str = "winclip", cache: Any = None) -> AnomalyEngine:

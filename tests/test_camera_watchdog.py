@@ -28,6 +28,7 @@ from pipeline.delivery.store import SubscriptionStore
 from pipeline.imaging import encode_jpeg
 from schemas.cameras import CAMERA_STATUS_TOPIC, CameraStatus
 from schemas.subscriptions import Subscription
+from tests.streaming_helpers import stop_processes
 from tests.test_cameras import MjpegServer, Tail, _capture_process, camera, managed_settings, wait_until
 from workers.capture import run_capture
 from workers.deliver import run_deliver
@@ -125,14 +126,7 @@ def test_killed_capture_worker_camera_goes_down_then_up_when_capture_returns(
         procs.append(_capture_process(cfg, kafka_settings, redis_settings, tmp_path / "b.log"))
         both = status_tail.wait(lambda _: len(s := statuses(status_tail)) >= 2 and s, 60, "camera_up")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in tmp_path.glob("*.log"))
     assert [s.status for s in both] == ["camera_down", "camera_up"], logs
     up = both[1]

@@ -53,6 +53,7 @@ from schemas.cameras import CAMERA_STATUS_TOPIC, CameraStatus
 from schemas.frames import FrameHeader
 from schemas.subscriptions import Subscription
 from tests.conftest import REPO_ROOT
+from tests.streaming_helpers import stop_processes
 from workers.capture import LeaseGuard, run_managed_capture
 from workers.deliver import run_deliver
 
@@ -287,14 +288,7 @@ def test_killed_capture_worker_cameras_move_and_are_never_captured_twice(
                          "fo-1 frames from the surviving worker")
         assert survivor.poll() is None
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in tmp_path.glob("*.log"))
     for cid in ("fo-1", "fo-2"):
         runs = _runs(headers(frames_tail.poll(), cid))
