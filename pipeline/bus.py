@@ -17,6 +17,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import for_code
 from kafka.producer.future import FutureRecordMetadata
 
+from pipeline import kafka_compat
 from pipeline.config import KafkaSettings
 from pipeline.logging import get_logger
 from pipeline.metrics import CONSUMER_LAG, DLQ_RECORDS
@@ -26,6 +27,7 @@ from pipeline.runtime.topics import LIVE_TOPICS, full_name
 from schemas import DeadLetter
 
 log = get_logger(__name__)
+kafka_compat.apply()
 
 TOPICS: tuple[str, ...] = LIVE_TOPICS
 Headers = list[tuple[str, bytes]]

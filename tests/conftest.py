@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+import structlog
 
 from pipeline.config import KafkaSettings, RedisSettings
 from pipeline.embedded import EmbeddedBroker, EmbeddedRedis
@@ -33,6 +34,15 @@ def _restore_signal_handlers() -> Iterator[None]:
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_config() -> Iterator[None]:
+    """A CLI command run in-process configures logging (``--log-level warning``): a later test's
+    ``capture_logs`` must still see info events."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -336,6 +336,7 @@ def test_cli_records_from_the_topic(kafka_settings: KafkaSettings, tmp_path: Pat
     config.write_text(f"kafka:\n  bootstrap_servers: {kafka_settings.bootstrap_servers}\n"
                       f"  topic_prefix: {kafka_settings.topic_prefix}\n")
     out = tmp_path / "rec"
+    capsys.readouterr()  # what setting up logged
 
     assert _cli("--config", str(config), "record", "--from-topic", "--camera", "cam-a", "--out", str(out),
                 "--max-frames", "2") == 0
