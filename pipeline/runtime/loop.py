@@ -3,7 +3,9 @@
 :class:`StreamRuntime` owns the consumer, the producer, the commits and the rebalance listener; a
 worker is wiring: it builds a :class:`Stage` and a :class:`RuntimeConfig` and calls ``run(stop)``.
 
-Per micro-batch (``max_batch`` records, waiting ``max_wait_ms`` after the first):
+Per micro-batch (``max_batch`` records, waiting ``max_wait_ms`` after the first, drawn
+round-robin from every partition with records waiting, so one partition's backlog never blinds the
+others: see ``_fill``):
 
 1. every record is decoded with its topic's codec (or the stage's own ``decode``) into a
    ``Record``, a ``Reject`` (to the DLQ) or a ``Skip``; with ``decode_workers`` the next batch is
@@ -13,7 +15,10 @@ Per micro-batch (``max_batch`` records, waiting ``max_wait_ms`` after the first)
 3. outputs are produced asynchronously; a refused output (too large, invalid) dead-letters its
    source record; broker trouble is retried with backoff (the producer is rebuilt when it stays
    broken) until every output is acknowledged;
-4. ``stage.after_acked()`` (e.g. persisting alert state), then offsets are committed.
+4. ``stage.after_acked()`` (e.g. persisting alert state), then offsets are committed: without
+   waiting on the hot path (``commit_async``, each commit superseding the last), awaited on revoke
+   and at stop. A batch's offsets are committed as soon as its outputs are acknowledged, before
+   the next batch is handled (see ``_settle_acked``).
 
 Infrastructure errors (broker, Redis) raised by the stage roll the batch back and rewind the
 consumer: the worker waits with backoff, readiness says why, liveness stays true, and it resumes
@@ -22,8 +27,10 @@ by itself. ``stop`` (SIGINT/SIGTERM through ``stop_on_signals``) ends it after t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -205,7 +212,18 @@ class StreamRuntime:
         self._assigned: set[TopicPartition] = set()
         self._done: dict[TopicPartition, int] = {}  # handled, acked, not yet committed
         self._committed: dict[TopicPartition, int] = {}
+        self._committing: dict[TopicPartition, int] = {}  # sent by commit_async, not confirmed yet
+        # (offsets, _done when sent, from_done, response): appended by the consumer's IO thread,
+        # read by the runtime's.
+        self._commit_results: deque[tuple[dict[TopicPartition, int], dict[TopicPartition, int | None], bool,
+                                          Any]] = deque()
+        self._batch_s = 0.0  # how long the last batch took to handle
         self._prefetched: list[tuple[Envelope, Future[Decoded] | Decoded]] = []
+        # Polled, not yet in a batch: per partition, in offset order (see ``_fill``).
+        self._buffer: dict[TopicPartition, deque[Envelope]] = {}
+        self._held: set[TopicPartition] = set()  # paused because their buffer is full
+        self._served: dict[TopicPartition, int] = {}  # the batch that last drew from it
+        self._drawn = 0
         self._pending: list[_Pending] = []
         self._paused = False
         self._finished: set[TopicPartition] = set()  # manual ranges read to their end
@@ -248,7 +266,7 @@ class StreamRuntime:
     @property
     def ranges_done(self) -> bool:
         ends = self.config.end_offsets
-        return ends is not None and set(ends) <= self._finished
+        return ends is not None and set(ends) <= self._finished and not self._buffered() and not self._prefetched
 
     def start(self) -> None:
         """Create topics and clients, waiting (with backoff) while the broker is unreachable."""
@@ -301,7 +319,7 @@ class StreamRuntime:
         except Exception as exc:
             self.log.warning("stage_on_stop_failed", error=first_line(exc))
         try:
-            self._commit()
+            self._commit(sync=True)
         except Exception as exc:
             self.log.warning("stream_final_commit_failed", error=first_line(exc))
         if self._consumer is not None:
@@ -323,11 +341,19 @@ class StreamRuntime:
         consumer = self._consumer
         assert consumer is not None
         self._apply_backpressure()
-        batch = self._prefetched or self._decode_all(self._poll(self.config.poll_timeout_ms, wait=True))
+        if self._pending:
+            # The last batch's outputs are usually acknowledged by now: commit them before the next
+            # batch is handled, so a worker killed during it is not followed by a second handling of
+            # this one. The wait is a small share of a batch (an ack takes the producer's linger plus
+            # one round trip): a slow (CPU) batch waits for its acks, a fast one hardly waits and its
+            # acks are awaited after the next batch (max_pending_batches=2) as before.
+            self._settle_acked(min(0.05, 0.05 * self._batch_s))
+            self._commit()
+        batch = self._prefetched or self._decode_all(self._next_batch(self.config.poll_timeout_ms, wait=True))
         self._prefetched = []
         if self._pool is not None and batch:
             # Overlap: fetch and decode the next batch while the stage works on this one.
-            self._prefetched = self._decode_all(self._poll(0, wait=False))
+            self._prefetched = self._decode_all(self._next_batch(0, wait=False))
         if self.config.group_id is not None and any(item[0].tp not in self._assigned for item in batch):
             # Revoked meanwhile (a poll began the rebalance): not handled here, read again if ours again.
             self._unread([env for env, _ in batch if env.tp not in self._assigned])
@@ -338,7 +364,8 @@ class StreamRuntime:
             self._last_record = time.monotonic()
             self.stats.records += len(results)
             self._handle(results)
-            RUNTIME_BATCH_SECONDS.labels(worker=self.config.name).observe(time.perf_counter() - started)
+            self._batch_s = time.perf_counter() - started
+            RUNTIME_BATCH_SECONDS.labels(worker=self.config.name).observe(self._batch_s)
             self.stats.batches += 1
             self._last_record = time.monotonic()  # idle time counts from the end of the work
         else:
@@ -354,38 +381,112 @@ class StreamRuntime:
             self._last_lag = time.monotonic()
         return len(results)
 
-    def _poll(self, timeout_ms: int, wait: bool) -> list[Envelope]:
-        """Up to max_batch records: wait for the first, then at most max_wait_ms for the rest."""
+    def _next_batch(self, timeout_ms: int, wait: bool) -> list[Envelope]:
+        """Up to max_batch records: wait for the first, then at most max_wait_ms for the rest; drawn
+        round-robin from the partitions with records waiting, least recently served first."""
+        cfg = self.config
+        if self._paused:  # backpressure: the stage has too much in flight, nothing new for it
+            self._fill(timeout_ms)  # keeps the membership alive; paused partitions bring nothing
+            return []
+        self._fill(0 if self._buffered() else timeout_ms)
+        if wait and 0 < self._buffered() < cfg.max_batch:
+            deadline = time.monotonic() + cfg.max_wait_ms / 1000.0
+            while self._buffered() < cfg.max_batch and self._fetching():
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    break
+                self._fill(left_ms)
+        return self._draw()
+
+    def _fill(self, timeout_ms: int) -> int:
+        """Poll into the per-partition buffer; returns the records added.
+
+        kafka-python hands out one partition's whole fetch (up to ``max_partition_fetch_bytes``,
+        hundreds of small frames) before any record of the next partition. So a partition whose
+        buffer holds a batch is paused: the fetcher parks its parsed records (restored on resume,
+        not fetched again) and the next poll reaches the other partitions' fetched records. It is
+        resumed once its buffer is drawn empty. The buffer holds at most about two batches per
+        partition; its records are past the consumer's position but never committed before handled."""
         consumer = self._consumer
         assert consumer is not None
         cfg = self.config
-        out: list[Envelope] = []
-        deadline: float | None = None
-        while len(out) < cfg.max_batch:
-            if deadline is not None:
-                timeout_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_batch - len(out))
+        added = 0
+        after_hold = 0  # polls still due after a partition was held
+        while True:
+            _unpark(consumer)
+            polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_batch)
+            timeout_ms = 0  # then only what is fetched already
+            n = 0
             for tp, recs in polled.items():
+                if cfg.group_id is not None and tp not in self._assigned:
+                    # Revoked meanwhile (a poll began the rebalance): read again if ours again.
+                    self._unread([Envelope.from_record(rec) for rec in recs])
+                    continue
                 end = cfg.end_offsets.get(tp) if cfg.end_offsets is not None else None
+                queue = self._buffer.setdefault(tp, deque())
                 for rec in recs:
                     if end is not None and rec.offset >= end:
                         break
-                    out.append(Envelope.from_record(rec))
+                    queue.append(Envelope.from_record(rec))
+                    n += 1
                 if end is not None and consumer.position(tp) >= end:
                     consumer.pause(tp)
                     self._finished.add(tp)
+                if len(queue) >= cfg.max_batch and tp not in self._held:
+                    consumer.pause(tp)
+                    self._held.add(tp)
+                    after_hold = 2
             if cfg.end_offsets is not None:
                 for tp, end in cfg.end_offsets.items():
                     if tp not in self._finished and consumer.position(tp) >= end:
                         consumer.pause(tp)
                         self._finished.add(tp)
-            if not out or not wait:
-                return out
-            if deadline is None:
-                deadline = time.monotonic() + cfg.max_wait_ms / 1000.0
-            if time.monotonic() >= deadline:
-                break
+            added += n
+            # Twice more after a hold, records or not: the first parks the held partition's records,
+            # only the second puts another parked (since resumed) partition's records in line.
+            if not polled:
+                if after_hold <= 0:
+                    return added
+                after_hold -= 1
+            if not self._fetching():
+                return added
+
+    def _fetching(self) -> bool:
+        """Some partition may still bring records (not held, paused or read to its end)."""
+        return not self._paused and any(tp not in self._held and tp not in self._finished for tp in self._assigned)
+
+    def _buffered(self) -> int:
+        return sum(len(q) for q in self._buffer.values())
+
+    def _draw(self) -> list[Envelope]:
+        """Take a batch round-robin from the buffer; resume the held partitions it emptied."""
+        order = sorted((tp for tp, q in self._buffer.items() if q), key=lambda tp: self._served.get(tp, -1))
+        if not order:
+            return []
+        self._drawn += 1
+        out: list[Envelope] = []
+        while order and len(out) < self.config.max_batch:
+            for tp in list(order):
+                queue = self._buffer[tp]
+                out.append(queue.popleft())
+                self._served[tp] = self._drawn
+                if not queue:
+                    order.remove(tp)
+                if len(out) >= self.config.max_batch:
+                    break
+        self._release([tp for tp in self._held if not self._buffer.get(tp)])
         return out
+
+    def _release(self, tps: Iterable[TopicPartition]) -> None:
+        """Held partitions fetch again (unless backpressure or their range's end pauses them)."""
+        tps = [tp for tp in tps if tp in self._held]
+        self._held.difference_update(tps)
+        resume = [tp for tp in tps if tp not in self._finished]
+        if resume and not self._paused and self._consumer is not None:
+            held = self._consumer.assignment()
+            resume = [tp for tp in resume if tp in held]
+            if resume:
+                self._consumer.resume(*resume)
 
     def _decoder(self, topic: str) -> Decoder:
         if self._stage_decode is not None:
@@ -518,6 +619,20 @@ class StreamRuntime:
                 raise
             self._pending.pop(0)
 
+    def _settle_acked(self, wait_s: float) -> None:
+        """Settle the oldest pending batches whose outputs are all acknowledged (or refused),
+        waiting at most ``wait_s`` in all for their acks."""
+        deadline = time.monotonic() + wait_s
+        while self._pending:
+            for _, _, fut in self._pending[0].sends:
+                if getattr(fut, "is_done", True):
+                    continue
+                with contextlib.suppress(Exception):  # not acknowledged yet, or refused: settled below
+                    fut.get(timeout=max(0.0, deadline - time.monotonic()))
+                if not fut.is_done:
+                    return
+            self._settle_until(len(self._pending) - 1)
+
     def _settle(self, pending: _Pending) -> None:
         """Wait for every ack of one batch, then ``after_acked``, then its offsets are done.
 
@@ -613,30 +728,67 @@ class StreamRuntime:
         for tp, off in offsets.items():
             self._done[tp] = max(self._done.get(tp, 0), off)
 
-    def _commit(self) -> None:
+    def _commit(self, sync: bool = False) -> None:
+        """Commit what is done: ``commit_async`` on the hot path (a failed one is sent again by a
+        later call, and a later one supersedes it), blocking with ``sync`` (at stop)."""
         consumer = self._consumer
         if consumer is None or self.config.group_id is None:
             self._done.clear()
             return
-        todo, from_done = self._to_commit()
+        self._commit_answers()
+        todo, from_done = self._to_commit(force=sync)
         if not todo:
             return
-        try:
-            consumer.commit(_commit_offsets(todo))
-        except CommitFailedError as exc:
-            # The group rebalanced meanwhile: the partition's next owner handles these records again.
-            self.log.warning("commit_failed_rebalance", error=first_line(exc))
+        if sync:
+            try:
+                consumer.commit(_commit_offsets(todo))
+            except CommitFailedError as exc:
+                # The group rebalanced meanwhile: the partition's next owner handles these records again.
+                self.log.warning("commit_failed_rebalance", error=first_line(exc))
+                return
+            except KafkaError as exc:
+                raise _TransientError(f"commit failed: {first_line(exc)}") from exc
+            self._committed_up_to(todo, from_done)
             return
-        except KafkaError as exc:
-            raise _TransientError(f"commit failed: {first_line(exc)}") from exc
-        self._committed_up_to(todo, from_done)
+        sent_done = {tp: self._done.get(tp) for tp in todo}
 
-    def _to_commit(self) -> tuple[dict[TopicPartition, int], bool]:
-        """Offsets of owned partitions safe to commit and not committed yet; True: they come from
-        ``_done`` (not from the stage's ``committable``)."""
+        def answered(_offsets: Any, response: Any) -> None:  # on the consumer's IO thread
+            self._commit_results.append((todo, sent_done, from_done, response))
+
+        self._committing.update(todo)
+        try:
+            consumer.commit_async(_commit_offsets(todo), callback=answered)
+        except KafkaError as exc:
+            self._commit_results.append((todo, sent_done, from_done, exc))
+
+    def _commit_answers(self) -> None:
+        """The broker's answers to ``commit_async``: confirmed offsets are committed; a refused
+        commit is sent again by the next ``_commit`` (its offsets are still done)."""
+        while self._commit_results:
+            todo, sent_done, from_done, response = self._commit_results.popleft()
+            todo = {tp: off for tp, off in todo.items() if tp in self._assigned}
+            for tp, off in todo.items():
+                if self._committing.get(tp) == off:
+                    del self._committing[tp]
+            if isinstance(response, BaseException):
+                self.log.warning("commit_async_failed", error=first_line(response),
+                                 offsets={f"{tp.topic}:{tp.partition}": off for tp, off in todo.items()})
+                continue
+            self._committed.update(todo)
+            if from_done:
+                for tp in todo:
+                    if self._done.get(tp) == sent_done.get(tp):  # nothing done since it was sent
+                        self._done.pop(tp, None)
+            self.stats.commits += 1
+
+    def _to_commit(self, force: bool = False) -> tuple[dict[TopicPartition, int], bool]:
+        """Offsets of owned partitions safe to commit and not committed yet (nor being committed,
+        unless ``force``: the commits on revoke and at stop do not count on one in flight); True:
+        they come from ``_done`` (not from the stage's ``committable``)."""
         settled = self.stage.committable()
         offsets = settled if settled is not None else self.stage.commit_floor(dict(self._done))
-        todo = {tp: off for tp, off in offsets.items() if tp in self._assigned and self._committed.get(tp) != off}
+        todo = {tp: off for tp, off in offsets.items() if tp in self._assigned and self._committed.get(tp) != off
+                and (force or self._committing.get(tp) != off)}
         return todo, settled is None
 
     def _committed_up_to(self, todo: dict[TopicPartition, int], from_done: bool) -> None:
@@ -647,12 +799,15 @@ class StreamRuntime:
         self.stats.commits += 1
 
     def _rewind(self, envs: Iterable[Envelope]) -> None:
-        """Seek back to the first of ``envs`` per partition (and drop the prefetched batch)."""
+        """Seek back to the first of ``envs`` per partition (and drop the prefetched batch and the
+        buffer)."""
         consumer = self._consumer
         first: dict[TopicPartition, int] = {}
-        for env in [*envs, *(e for e, _ in self._prefetched)]:
+        for env in [*envs, *(e for e, _ in self._prefetched), *(e for q in self._buffer.values() for e in q)]:
             first[env.tp] = min(first.get(env.tp, env.offset), env.offset)
         self._prefetched = []
+        self._buffer.clear()
+        self._release(list(self._held))
         if consumer is None:
             return
         for tp, off in first.items():
@@ -695,18 +850,24 @@ class StreamRuntime:
                 await self._commit_revoked()
         except Exception as exc:  # left uncommitted: the next owner handles these records again
             self.log.warning("commit_on_revoke_failed", error=first_line(exc), lost=not commit)
-        if self._prefetched:  # a callback runs inside a poll, never while a batch is prefetched
-            self._unread([e for e, _ in self._prefetched if e.tp in revoked])
-            self._prefetched = [(e, d) for e, d in self._prefetched if e.tp not in revoked]
+        # A callback runs inside a poll: the prefetched batch and the buffer are not being handled.
+        self._unread([e for e, _ in self._prefetched if e.tp in revoked]
+                     + [e for tp in revoked for e in self._buffer.get(tp, ())])
+        self._prefetched = [(e, d) for e, d in self._prefetched if e.tp not in revoked]
+        held_for_fairness = self._held & revoked
         for tp in revoked:
             self._done.pop(tp, None)
             self._committed.pop(tp, None)
+            self._committing.pop(tp, None)
+            self._buffer.pop(tp, None)
+            self._served.pop(tp, None)
+        self._held -= revoked
         self._assigned -= revoked
-        if self._paused and self._consumer is not None:
+        if (self._paused or held_for_fairness) and self._consumer is not None:
             # kafka-python also keeps the paused flag of a partition handed back to this member;
             # backpressure starts over (``_paused``) and pauses again while the stage is busy.
             held = self._consumer.assignment()
-            kept = [tp for tp in revoked if tp in held]
+            kept = [tp for tp in revoked if tp in held and (self._paused or tp in held_for_fairness)]
             if kept:
                 self._consumer.resume(*kept)
         self._paused = False
@@ -727,7 +888,8 @@ class StreamRuntime:
         consumer = self._consumer
         if consumer is None:
             return
-        todo, from_done = self._to_commit()
+        self._commit_answers()
+        todo, from_done = self._to_commit(force=True)
         if not todo:
             return
         await consumer.commit_async(_commit_offsets(todo))
@@ -768,14 +930,16 @@ class StreamRuntime:
         busy = self.stage.busy()
         if busy != self._paused and self._assigned and self._consumer is not None:
             # Pausing keeps the group membership alive (polls continue) without fetching more.
-            tps = [tp for tp in self._assigned if tp not in self._finished]
+            # Partitions held for fairness stay paused until their buffer is drawn.
+            tps = [tp for tp in self._assigned if tp not in self._finished and (busy or tp not in self._held)]
             (self._consumer.pause if busy else self._consumer.resume)(*tps)
             self._paused = busy
 
     # -- health -----------------------------------------------------------------------------------
     def _idle_exit(self) -> bool:
         limit = self.config.idle_exit_s
-        if limit is None or not self._assigned or self._prefetched or self._pending or not self.stage.settled():
+        if limit is None or not self._assigned or self._prefetched or self._buffered() or self._pending \
+                or not self.stage.settled():
             return False
         return time.monotonic() - self._last_record >= limit
 
@@ -832,6 +996,17 @@ class _BrokenProducer:
 
     def close(self, timeout: float | None = None) -> None:
         return None
+
+
+def _unpark(consumer: KafkaConsumer) -> None:
+    """Work around kafka-python 3.0.12: a paused partition's parsed records are parked and put back
+    in line on resume only while nothing is in line (``_next_partition_records is None``); a drained
+    partition's records stay in line as an empty, falsy object, so the parked partition would never
+    be returned nor fetched again. An empty in-line slot is the same as none."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    inline = getattr(fetcher, "_next_partition_records", None)
+    if inline is not None and not inline and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None  # type: ignore[union-attr]
 
 
 def _next_offsets(envs: Iterable[Envelope]) -> dict[TopicPartition, int]:
