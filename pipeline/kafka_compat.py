@@ -1,5 +1,6 @@
-"""Workarounds for kafka-python bugs that stop a consumer for good; applied once, when ``pipeline.bus``
-is imported, and each guarded by a test against the real broker (``tests/test_kafka_compat.py``).
+"""Workarounds for kafka-python bugs that stop a consumer for good, each guarded by a test against the
+real broker. ``apply`` runs once, when ``pipeline.bus`` is imported; ``unpark_paused`` before each of
+the stream runtime's polls.
 
 **A rejoin that outlives its poll leaves the member out of the group** (kafka-python 3.0.12). When a
 rejoin is due to a changed subscription or, on the group leader, to changed topic metadata (another
@@ -10,16 +11,23 @@ in flight, and the next ``poll`` no longer looks at it: the member stays "rebala
 heartbeat off, the broker drops it after the session timeout, and it never gets a partition again.
 The fix keeps ``need_rejoin()`` true while a join attempt is in flight or its result unread, so the
 next ``poll`` finishes it. (An attempt that completed while nobody polled is not read but sent again
-by kafka-python: one more join round, not a member lost.)
+by kafka-python: one more join round, not a member lost.) Test: ``tests/test_kafka_compat.py``.
+
+**A resumed partition's records never come back** (kafka-python 3.0.12). Pausing a partition parks
+its parsed records; resuming puts them back in line only while nothing is in line, and a drained
+partition's records stay in line as an empty (falsy) object, so the parked partition would be neither
+returned nor fetched again. The stream runtime pauses partitions to draw fair batches; an empty
+in-line slot is treated as none. Test: ``tests/test_runtime_fairness.py``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kafka import KafkaConsumer
 from kafka.coordinator.consumer import ConsumerCoordinator
 
-__all__ = ["apply"]
+__all__ = ["apply", "unpark_paused"]
 
 _MARK = "_linewatch_join_latched"
 
@@ -40,3 +48,11 @@ def apply() -> None:
     setattr(need_rejoin, _MARK, True)
     need_rejoin.__doc__ = original.__doc__
     ConsumerCoordinator.need_rejoin = need_rejoin  # type: ignore[method-assign]
+
+
+def unpark_paused(consumer: KafkaConsumer) -> None:
+    """Let the fetcher put a resumed partition's parked records back in line (see above)."""
+    fetcher = getattr(consumer, "_fetcher", None)
+    inline = getattr(fetcher, "_next_partition_records", None)
+    if inline is not None and not inline and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None  # type: ignore[union-attr]

@@ -116,7 +116,7 @@ def test_what_is_done_is_committed_before_the_partitions_move(kafka_settings: Ka
     a_stage, b_stage = RecordingStage(), RecordingStage()
     with capture_logs() as logs:
         # max_pending_batches=2: the last batch's outputs stay in flight, its offsets uncommitted, until
-        # the next step settles them; B joins before that step.
+        # the next step settles them; B joins before that step, whose poll begins the rebalance.
         a = runtime(kafka_settings, a_stage, "a", max_batch=6, max_wait_ms=2000, max_pending_batches=2)
         try:
             a.start()
@@ -125,7 +125,54 @@ def test_what_is_done_is_committed_before_the_partitions_move(kafka_settings: Ka
             assert committed(kafka_settings) < 6  # done, not committed
             join_group(kafka_settings, b_stage, start_background, ("in",))
             wait_for(lambda: rebalance_pending(a), "A to learn of the rebalance")
-            a.step()  # its poll revokes A's partitions before anything else
+            a.step()  # settles and commits the batch, then its poll revokes A's partitions
+            step_until(a, lambda: len(a_stage.assigned) >= 2, "A's new assignment")
+            wait_for(lambda: any(b_stage.assigned), "B to get a partition")
+            assert committed(kafka_settings) == 6  # before B could handle (and commit) anything
+            time.sleep(3.0)  # B polls its partition from the committed offset: nothing left
+            assert b_stage.handled == []
+        finally:
+            a.close()
+    a_logs = [e for e in logs if e.get("worker") == "a"]
+    assert not [e for e in a_logs if e["event"] == "commit_on_revoke_failed"], a_logs
+    # Committed by that step before its poll (the batch's acks were in) or, if the broker had not
+    # confirmed that commit yet, on revoke: either way before B's first poll.
+    assert a_stage.revoked and a_stage.revoked[-1]
+    echoed = read_topic(kafka_settings, "echo", 6, timeout_s=30)
+    assert sorted(r.value for r in echoed) == [v.upper() for v in everything]  # handled once
+
+
+class SettlingStage(RecordingStage):
+    """Settles records itself, as the deliver worker's lanes do: their offsets are committable once
+    ``released`` says so, whenever that is (between two steps, here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: dict[TopicPartition, int] = {}
+
+    def handle(self, records: Sequence[Record[bytes]]) -> StageResult:
+        self.handled.extend(r.message for r in records)
+        return StageResult()
+
+    def committable(self) -> dict[TopicPartition, int] | None:
+        return dict(self.released)
+
+
+def test_what_a_stage_settled_between_steps_is_committed_on_revoke(kafka_settings: KafkaSettings,
+                                                                    start_background: Callable[..., Any]) -> None:
+    send(kafka_settings, {0: [b"a0", b"a1", b"a2"], 1: [b"b0", b"b1", b"b2"]})
+    a_stage, b_stage = SettlingStage(), RecordingStage()
+    topic = topic_name(kafka_settings, "in")
+    with capture_logs() as logs:
+        a = runtime(kafka_settings, a_stage, "a", max_batch=6, max_wait_ms=2000)
+        try:
+            a.start()
+            step_until(a, lambda: len(a_stage.handled) == 6, "A to handle every record")
+            assert committed(kafka_settings) == 0  # handled, not settled
+            join_group(kafka_settings, b_stage, start_background, ("in",))
+            wait_for(lambda: rebalance_pending(a), "A to learn of the rebalance")
+            a_stage.released = {TopicPartition(topic, 0): 3, TopicPartition(topic, 1): 3}
+            a.step()  # nothing in flight: its poll revokes A's partitions first
             step_until(a, lambda: len(a_stage.assigned) >= 2, "A's new assignment")
             wait_for(lambda: any(b_stage.assigned), "B to get a partition")
             assert committed(kafka_settings) == 6  # before B could handle (and commit) anything
@@ -137,9 +184,6 @@ def test_what_is_done_is_committed_before_the_partitions_move(kafka_settings: Ka
     assert not [e for e in a_logs if e["event"] == "commit_on_revoke_failed"], a_logs
     revoke_commits = [e for e in a_logs if e["event"] == "committed_on_revoke"]
     assert len(revoke_commits) == 1 and sum(revoke_commits[0]["offsets"].values()) == 6, a_logs
-    assert a_stage.revoked and a_stage.revoked[-1]
-    echoed = read_topic(kafka_settings, "echo", 6, timeout_s=30)
-    assert sorted(r.value for r in echoed) == [v.upper() for v in everything]  # handled once
 
 
 def test_records_polled_but_not_handled_when_a_rebalance_begins_are_not_skipped(

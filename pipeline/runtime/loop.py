@@ -48,6 +48,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from pipeline.bus import create_topics, lag, make_consumer, make_producer, send_dead_letter, topic_partitions
 from pipeline.config import KafkaSettings
 from pipeline.health import Health
+from pipeline.kafka_compat import unpark_paused
 from pipeline.logging import get_logger
 from pipeline.metrics import RUNTIME_BATCH_SECONDS, RUNTIME_DEGRADED, RUNTIME_RECORDS
 from pipeline.runtime.envelope import (
@@ -413,7 +414,7 @@ class StreamRuntime:
         added = 0
         after_hold = 0  # polls still due after a partition was held
         while True:
-            _unpark(consumer)
+            unpark_paused(consumer)
             polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_batch)
             timeout_ms = 0  # then only what is fetched already
             n = 0
@@ -996,17 +997,6 @@ class _BrokenProducer:
 
     def close(self, timeout: float | None = None) -> None:
         return None
-
-
-def _unpark(consumer: KafkaConsumer) -> None:
-    """Work around kafka-python 3.0.12: a paused partition's parsed records are parked and put back
-    in line on resume only while nothing is in line (``_next_partition_records is None``); a drained
-    partition's records stay in line as an empty, falsy object, so the parked partition would never
-    be returned nor fetched again. An empty in-line slot is the same as none."""
-    fetcher = getattr(consumer, "_fetcher", None)
-    inline = getattr(fetcher, "_next_partition_records", None)
-    if inline is not None and not inline and getattr(fetcher, "_paused_partition_records", None):
-        fetcher._next_partition_records = None  # type: ignore[union-attr]
 
 
 def _next_offsets(envs: Iterable[Envelope]) -> dict[TopicPartition, int]:
