@@ -22,6 +22,7 @@ import redis
 
 from pipeline.cameras.health import HealthStore
 from pipeline.cameras.leases import FixedClaims, LeaseManager
+from pipeline.cameras.overview import CameraAdmin
 from pipeline.cameras.watchdog import REASON
 from pipeline.config import CameraConfig, KafkaSettings, RedisSettings
 from pipeline.delivery.store import SubscriptionStore
@@ -152,6 +153,8 @@ def test_fixed_capture_reports_its_camera_itself_and_the_watchdog_takes_over_whe
         capture = start_background(run_capture, capture_settings, ["wd-fixed"])
         wait_until(lambda: claims.claimed(["wd-fixed"])["wd-fixed"], 30, "wd-fixed claimed")
         wait_until(lambda: (health.get("wd-fixed") or {}).get("state") == "live", 30, "wd-fixed live")
+        row = next(r for r in CameraAdmin(settings, redis_client).rows() if r["id"] == "wd-fixed")
+        assert (row["state"], row["worker"]) == ("live", claims.claimed(["wd-fixed"])["wd-fixed"])  # not "unassigned"
         start_background(run_deliver, settings)
         time.sleep(2 * FAST["dark_after_s"])
         assert statuses(status_tail) == []  # captured (without a lease) and live: nothing to say
@@ -169,6 +172,8 @@ def test_fixed_capture_reports_its_camera_itself_and_the_watchdog_takes_over_whe
         capture.join()
         stopped_at = time.time()
         assert claims.claimed(["wd-fixed"])["wd-fixed"] is None  # released on the way out
+        row = next(r for r in CameraAdmin(settings, redis_client).rows() if r["id"] == "wd-fixed")
+        assert (row["state"], row["worker"]) == ("unassigned", None)
         third = status_tail.wait(lambda _: len(s := statuses(status_tail)) >= 3 and s, 30,
                                  "camera_down from the watchdog once fixed capture stopped")
     finally:

@@ -224,8 +224,9 @@ class DarkWatch:
         return None
 
 
-def camera_state_of(record: dict[str, Any] | None, leased: bool) -> CameraState | str:
-    """The state the API shows: the holder's record, or ``unassigned`` when no worker holds the camera."""
-    if record is None or not leased:
+def camera_state_of(record: dict[str, Any] | None, held: bool) -> CameraState | str:
+    """The state the API shows: the holder's record, or ``unassigned`` when no worker holds the camera
+    (by a lease, or by a fixed capture worker's claim)."""
+    if record is None or not held:
         return "unassigned"
     return str(record.get("state", "unassigned"))

@@ -8,7 +8,7 @@ from typing import Any
 import redis
 
 from pipeline.cameras.health import HealthStore, camera_state_of
-from pipeline.cameras.leases import LeaseManager
+from pipeline.cameras.leases import FixedClaims, LeaseManager
 from pipeline.cameras.registry import CameraRegistry
 from pipeline.config import CameraConfig, Settings
 
@@ -32,6 +32,8 @@ class CameraAdmin:
         self.health = HealthStore(client, prefix)
         # Read-only use (holders): the owner name is never written.
         self._leases = LeaseManager(client, prefix, "-", settings.capture.lease_s)
+        # Fixed capture (`--camera`, `linewatch run`) holds no lease; it claims its cameras instead.
+        self._claims = FixedClaims(client, prefix, settings.capture.lease_s)
         if seed:
             self.registry.seed(list(settings.cameras))
 
@@ -40,18 +42,20 @@ class CameraAdmin:
         meta = self.registry.meta()
         health = self.health.all()
         holders = self._leases.holders(list(cams))
+        claims = self._claims.claimed(list(cams))
         rows = []
         for cid, cam in cams.items():
             record = health.get(cid)
             holder = holders.get(cid)
+            worker = holder[0] if holder else claims.get(cid)
             rows.append({
                 **public_camera(cam),
                 "origin": meta.get(cid, {}).get("origin"),
-                "state": camera_state_of(record, holder is not None),
-                "fps_measured": record.get("fps") if record and holder else None,
+                "state": camera_state_of(record, worker is not None),
+                "fps_measured": record.get("fps") if record and worker else None,
                 "last_frame_ts": record.get("last_frame_ts") if record else None,
                 "reconnects": record.get("reconnects", 0) if record else 0,
-                "worker": holder[0] if holder else None,
+                "worker": worker,
                 "lease_token": holder[1] if holder else None,
                 "down": self.health.down(cid) is not None,
             })

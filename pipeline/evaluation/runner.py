@@ -54,17 +54,6 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, vmin: 
     return out
 
 
-def label_random(picture: np.ndarray) -> None:
-    """Stamp "RANDOM WEIGHTS" on an overlay: a picture travels without the table that explains it."""
-    h, w = picture.shape[:2]
-    scale = max(0.35, min(w, h) / 400)
-    thickness = max(1, round(scale * 2))
-    text = "RANDOM WEIGHTS - meaningless"
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    cv2.rectangle(picture, (0, 0), (min(w, tw + 8), th + base + 8), (0, 0, 0), -1)
-    cv2.putText(picture, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 64, 64), thickness, cv2.LINE_AA)
-
-
 def overlay_sample(labels: list[int], n: int) -> set[int]:
     """Indices of about n items spread evenly over each label, half normal and half anomalous."""
     by_label = {lab: [i for i, v in enumerate(labels) if v == lab] for lab in (0, 1)}
