@@ -273,6 +273,17 @@ class Rig:
         finally:
             consumer.close(autocommit=False)
 
+    def caught_up(self, group: str, name: str) -> bool:
+        """The group has committed up to the topic's end offsets (tansu's may fall short of the last
+        record by one producer batch: see ``read``)."""
+        consumer = KafkaConsumer(**self.kafka.client_kwargs(), group_id=group, enable_auto_commit=False)
+        try:
+            tps = [TopicPartition(self.kafka.topic(name), p) for p in range(self.kafka.partitions)]
+            ends = consumer.end_offsets(tps)
+            return all((consumer.committed(tp) or 0) >= ends[tp] for tp in tps)
+        finally:
+            consumer.close(autocommit=False)
+
     def count(self, name: str) -> int:
         """How many records a topic holds, each read once by a consumer kept per topic (the DLQ of
         scenario 7 holds hundreds of MB: read whole every half second it took the bench minutes of CPU).
@@ -1080,7 +1091,13 @@ def scenario_load(small: bool = True, keep_logs: Path | None = None) -> Row:
         producer.close()
         end = time.time()
         done_at_end = {(m.frame.camera_id, m.frame.seq) for m in r.scores()} & sent
-        time.sleep(staleness + 5)  # what is left is either scored or skipped as stale by now
+        # What is left is scored or skipped as stale once the scorer has read it; a slow machine takes
+        # longer than the staleness limit to read the backlog (stale frames too are fetched and read).
+        drain_start = time.time()
+        wait_until(lambda: r.caught_up(f"{r.prefix}-score", "frames") or not r.alive(scorer),
+                   "the scorer to read every frame sent", 600)
+        time.sleep(5)  # the last producer batch, past tansu's end offset
+        row.extra["drain_s"] = round(time.time() - drain_start, 1)
         code = r.stop(scorer)
         stale = sum(int(e.get("stale", 0)) for e in r.log_events(scorer, "score_worker_stopped"))
         scores = [m for m in r.scores() if (m.frame.camera_id, m.frame.seq) in sent]
