@@ -102,6 +102,16 @@ def wait_for(done: Callable[[], bool], what: str, timeout_s: float = 60.0) -> No
         time.sleep(0.1)
 
 
+def hand_over(kafka: KafkaSettings, a: StreamRuntime, a_stage: RecordingStage, b_stage: RecordingStage) -> None:
+    """After A's step that began the rebalance: all six records are committed before B gets a
+    partition, and B, polling from the committed offsets, finds nothing left to handle."""
+    step_until(a, lambda: len(a_stage.assigned) >= 2, "A's new assignment")
+    wait_for(lambda: any(b_stage.assigned), "B to get a partition")
+    assert committed(kafka) == 6  # before B could handle (and commit) anything
+    time.sleep(3.0)  # B polls its partition from the committed offset: nothing left
+    assert b_stage.handled == []
+
+
 def rebalance_pending(rt: StreamRuntime) -> bool:
     # kafka-python's own flag (set by a heartbeat answered "rebalance in progress"): the next poll of
     # this member begins the rebalance. Peeked at so that the test knows which poll that is.
@@ -126,11 +136,7 @@ def test_what_is_done_is_committed_before_the_partitions_move(kafka_settings: Ka
             join_group(kafka_settings, b_stage, start_background, ("in",))
             wait_for(lambda: rebalance_pending(a), "A to learn of the rebalance")
             a.step()  # settles and commits the batch, then its poll revokes A's partitions
-            step_until(a, lambda: len(a_stage.assigned) >= 2, "A's new assignment")
-            wait_for(lambda: any(b_stage.assigned), "B to get a partition")
-            assert committed(kafka_settings) == 6  # before B could handle (and commit) anything
-            time.sleep(3.0)  # B polls its partition from the committed offset: nothing left
-            assert b_stage.handled == []
+            hand_over(kafka_settings, a, a_stage, b_stage)
         finally:
             a.close()
     a_logs = [e for e in logs if e.get("worker") == "a"]
@@ -173,11 +179,7 @@ def test_what_a_stage_settled_between_steps_is_committed_on_revoke(kafka_setting
             wait_for(lambda: rebalance_pending(a), "A to learn of the rebalance")
             a_stage.released = {TopicPartition(topic, 0): 3, TopicPartition(topic, 1): 3}
             a.step()  # nothing in flight: its poll revokes A's partitions first
-            step_until(a, lambda: len(a_stage.assigned) >= 2, "A's new assignment")
-            wait_for(lambda: any(b_stage.assigned), "B to get a partition")
-            assert committed(kafka_settings) == 6  # before B could handle (and commit) anything
-            time.sleep(3.0)  # B polls its partition from the committed offset: nothing left
-            assert b_stage.handled == []
+            hand_over(kafka_settings, a, a_stage, b_stage)
         finally:
             a.close()
     a_logs = [e for e in logs if e.get("worker") == "a"]
