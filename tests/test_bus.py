@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
@@ -213,3 +215,57 @@ def test_lag_reports_records_behind_end(kafka_settings: KafkaSettings) -> None:
         assert lag(consumer) == {tp: 0}
     finally:
         consumer.close()
+
+
+class _ConnectAttempts(logging.Handler):
+    """When kafka-python set out to connect to the broker (it logs each attempt)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Initializing connection for node_id"):
+            self.times.append(time.monotonic())
+
+
+def test_publisher_finds_a_returning_broker_within_seconds(kafka_settings: KafkaSettings) -> None:
+    """A producer that lost its broker retries with a backoff capped at ``reconnect_backoff_max_ms``
+    (kafka-python's own cap is 30 s: a broker back after a 30 s outage went unnoticed that long)."""
+    port = free_port()
+    settings = kafka_settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{port}"})
+    frame = _header("cam-r", 0)
+    publisher = DroppingPublisher(settings, connect_retry_s=0.2)
+    try:
+        with EmbeddedBroker(port=port):
+            create_topics(settings, ["frames"])
+            publisher.offer("cam-r", b"\xff" * 1000, frame.to_header())
+            assert publisher.flush(timeout=30)
+        # The broker is gone (connections refused) while frames keep coming.
+        attempts = _ConnectAttempts()
+        kafka_log = logging.getLogger("kafka.net.manager")
+        level = kafka_log.level
+        kafka_log.addHandler(attempts)
+        kafka_log.setLevel(logging.INFO)
+        try:
+            for seq in range(1, 41):
+                publisher.offer("cam-r", b"\xff" * 1000, _header("cam-r", seq).to_header())
+                time.sleep(0.5)
+        finally:
+            kafka_log.removeHandler(attempts)
+            kafka_log.setLevel(level)
+        late = [t for t in attempts.times if t >= attempts.times[0] + 5] if attempts.times else []
+        gaps = [b - a for a, b in itertools.pairwise(late)]
+        cap_s = settings.reconnect_backoff_max_ms / 1000
+        # kafka-python adds up to 20% jitter; a second more for a busy machine.
+        assert len(late) >= 3 and max(gaps) <= cap_s * 1.2 + 1.0, (len(attempts.times), [round(g, 1) for g in gaps])
+
+        with EmbeddedBroker(port=port):  # back, and empty
+            create_topics(settings, ["frames"])
+            publisher.offer("cam-r", b"\xff" * 1000, _header("cam-r", 99).to_header())
+            deadline = time.monotonic() + 15
+            while publisher.published.get("cam-r", 0) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert publisher.published.get("cam-r", 0) >= 2, publisher.dropped
+    finally:
+        publisher.close(timeout=1)
