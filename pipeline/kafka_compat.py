@@ -1,5 +1,5 @@
-"""Workarounds for kafka-python bugs that stop a consumer for good, each guarded by a test against the
-real broker. ``apply`` runs once, when ``pipeline.bus`` is imported; ``unpark_paused`` before each of
+"""Workarounds for kafka-python bugs that stop a consumer for good or swell its memory, each guarded by
+a test against the real broker. ``apply`` runs once, when ``pipeline.bus`` is imported; ``unpark_paused`` before each of
 the stream runtime's polls.
 
 **A rejoin that outlives its poll leaves the member out of the group** (kafka-python 3.0.12). When a
