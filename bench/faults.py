@@ -34,6 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,21 @@ class Rig:
                 out.extend(got)
                 if not got and all(consumer.position(tp) >= ends[tp] for tp in tps):
                     break
+            return out
+        finally:
+            consumer.close(autocommit=False)
+
+    def record_times(self, name: str, limit: int) -> list[float]:
+        """CreateTime (s) of the first ``limit`` records of a topic, in the order read."""
+        consumer = KafkaConsumer(**self.kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
+        try:
+            tps = [TopicPartition(self.kafka.topic(name), p) for p in range(self.kafka.partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            out: list[float] = []
+            deadline = time.monotonic() + 2
+            while len(out) < limit and time.monotonic() < deadline:
+                out += [rec.timestamp / 1000 for recs in consumer.poll(timeout_ms=300).values() for rec in recs]
             return out
         finally:
             consumer.close(autocommit=False)
@@ -998,14 +1014,22 @@ def scenario_broker_down(small: bool = True, keep_logs: Path | None = None) -> R
         back_at = time.time()
         create_topics(r.kafka)
 
-        def resumed() -> int:
+        def resumed() -> float | None:
+            """When the first record of the re-created topic was sent (its CreateTime), once there
+            are a few. Not ``r.read``: a topic written 20 times a second never reads to its end."""
             try:
-                return len(r.read("frames"))
+                stamps = r.record_times("frames", limit=5)
             except Exception:  # the broker is still electing/creating: try again
-                return 0
+                return None
+            return min(stamps) if len(stamps) >= 5 else None
 
-        wait_until(lambda: resumed() >= 5 or not r.alive(capture), "publishing to resume by itself", 120)
-        row.recovery_s = time.time() - back_at
+        first = wait_until(lambda: resumed() or (None if r.alive(capture) else -1.0),
+                           "publishing to resume by itself", 120)
+        row.recovery_s = first - back_at if first > 0 else None
+        recovered = r.log_events(capture, "publisher_recovered")
+        if recovered:
+            at = datetime.fromisoformat(recovered[-1]["timestamp"].replace("Z", "+00:00")).timestamp()
+            row.extra["publisher_recovered_after_s"] = round(at - back_at, 2)
         time.sleep(run_s / 2)
         code = r.stop(capture)
         after = len(r.read("frames"))
