@@ -252,14 +252,26 @@ class Rig:
         self.broker.stop()
 
     # -- topics -------------------------------------------------------------------------------------
-    def read(self, name: str) -> list[Any]:
-        """Every record now in a topic (up to its end offsets)."""
+    def _partitions(self, name: str) -> list[TopicPartition]:
+        return [TopicPartition(self.kafka.topic(name), p) for p in range(self.kafka.partitions)]
+
+    def _from_start(self, name: str) -> KafkaConsumer:
+        """A consumer of no group, assigned every partition of a topic, at its beginning."""
         consumer = KafkaConsumer(**self.kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
         try:
-            topic = self.kafka.topic(name)
-            tps = [TopicPartition(topic, p) for p in range(self.kafka.partitions)]
+            tps = self._partitions(name)
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
+        except BaseException:
+            consumer.close(autocommit=False)
+            raise
+        return consumer
+
+    def read(self, name: str) -> list[Any]:
+        """Every record now in a topic (up to its end offsets)."""
+        consumer = self._from_start(name)
+        try:
+            tps = self._partitions(name)
             # tansu answers the latest offset as the last batch's first offset + 1 (Kafka: the last
             # record's + 1): past it, read on until a poll brings nothing.
             ends = consumer.end_offsets(tps)
@@ -276,11 +288,8 @@ class Rig:
 
     def record_times(self, name: str, limit: int) -> list[float]:
         """CreateTime (s) of the first ``limit`` records of a topic, in the order read."""
-        consumer = KafkaConsumer(**self.kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
+        consumer = self._from_start(name)
         try:
-            tps = [TopicPartition(self.kafka.topic(name), p) for p in range(self.kafka.partitions)]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
             out: list[float] = []
             deadline = time.monotonic() + 2
             while len(out) < limit and time.monotonic() < deadline:
@@ -294,7 +303,7 @@ class Rig:
         record by one producer batch: see ``read``)."""
         consumer = KafkaConsumer(**self.kafka.client_kwargs(), group_id=group, enable_auto_commit=False)
         try:
-            tps = [TopicPartition(self.kafka.topic(name), p) for p in range(self.kafka.partitions)]
+            tps = self._partitions(name)
             ends = consumer.end_offsets(tps)
             return all((consumer.committed(tp) or 0) >= ends[tp] for tp in tps)
         finally:
@@ -306,11 +315,7 @@ class Rig:
         Not from the end offsets: tansu answers the last record's offset, not the one after it."""
         tail = self._tails.get(name)
         if tail is None:
-            consumer = KafkaConsumer(**self.kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
-            tps = [TopicPartition(self.kafka.topic(name), p) for p in range(self.kafka.partitions)]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
-            tail = self._tails[name] = (consumer, [0])
+            tail = self._tails[name] = (self._from_start(name), [0])
         consumer, seen = tail
         while got := sum(len(recs) for recs in consumer.poll(timeout_ms=300).values()):
             seen[0] += got
