@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -46,6 +46,10 @@ class KafkaSettings(Section):
     # tansu answers JoinGroup after half the session timeout, so small values keep joins fast.
     session_timeout_ms: int = Field(default=6000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    # A group member silent this long in Redis is removed by its peers, so a crashed worker's
+    # partitions move in about this time instead of the session timeout (pipeline.runtime.failover).
+    # None: only the broker's session timeout. Needs redis.url.
+    member_lease_ms: int | None = Field(default=2000, ge=200)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     request_timeout_ms: int = Field(default=30_000, ge=1000)
@@ -59,6 +63,18 @@ class KafkaSettings(Section):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _lease_below_session(self) -> KafkaSettings:
+        lease = self.member_lease_ms
+        if lease is not None and lease >= self.session_timeout_ms:
+            if "member_lease_ms" in self.model_fields_set:
+                raise ValueError(
+                    f"kafka.member_lease_ms ({lease}) must be below kafka.session_timeout_ms "
+                    f"({self.session_timeout_ms}): the broker would notice a dead member first; set it to null "
+                    "to leave that to the broker")
+            self.member_lease_ms = None  # the default lease is no faster than this session timeout
+        return self
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"

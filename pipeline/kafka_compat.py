@@ -29,6 +29,10 @@ its parsed records; resuming puts them back in line only while nothing is in lin
 partition's records stay in line as an empty (falsy) object, so the parked partition would be neither
 returned nor fetched again. The stream runtime pauses partitions to draw fair batches; an empty
 in-line slot is treated as none. Test: ``tests/test_runtime_fairness.py``.
+
+**The group member's id and a rejoin on demand** have no public API: ``member_id`` and
+``request_rejoin`` read and set the coordinator's, for the runtime's fast failover
+(``pipeline.runtime.failover``). Test: ``tests/test_failover.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from kafka import KafkaConsumer
 from kafka.coordinator.consumer import ConsumerCoordinator
 from kafka.net.selector import NetworkSelector
 
-__all__ = ["apply", "unpark_paused"]
+__all__ = ["apply", "member_id", "request_rejoin", "unpark_paused"]
 
 _MARK = "_linewatch_patched"
 
@@ -100,3 +104,18 @@ def unpark_paused(consumer: KafkaConsumer) -> None:
     inline = getattr(fetcher, "_next_partition_records", None)
     if inline is not None and not inline and getattr(fetcher, "_paused_partition_records", None):
         fetcher._next_partition_records = None  # type: ignore[union-attr]
+
+
+def member_id(consumer: KafkaConsumer) -> str | None:
+    """The member id the group coordinator gave this consumer ('' or None before the first join)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None:
+        return None
+    return str(coordinator.group_metadata().member_id or "") or None
+
+
+def request_rejoin(consumer: KafkaConsumer) -> None:
+    """Rejoin the group on the next poll (a peer was removed: the assignment changes)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None:
+        coordinator.request_rejoin()

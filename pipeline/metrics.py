@@ -66,6 +66,8 @@ RUNTIME_BATCH_SECONDS = Histogram(
     "linewatch_stream_batch_seconds", "Stream runtime time per micro-batch (decode wait, stage, produce, acks)",
     ["worker"], buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+GROUP_MEMBERS_REMOVED = Counter("linewatch_group_members_removed_total", "Dead consumer-group members "
+                              "removed by this worker (no Redis beat for a lease)", ["worker"])
 RUNTIME_DEGRADED = Gauge("linewatch_stream_degraded", "1 while a worker waits for its broker or Redis", ["worker"])
 DELIVERIES = Counter("linewatch_deliveries_total", "Subscription deliveries", ["channel", "outcome"])
 # Camera health, exported by the capture worker holding the camera (series dropped when it lets go).

@@ -18,6 +18,7 @@ from pipeline.config import Settings
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.redis_store import ThresholdStore, connect
+from pipeline.runtime.failover import member_leases
 from pipeline.runtime.loop import RuntimeConfig, StreamRuntime
 
 log = get_logger(__name__)
@@ -55,7 +56,8 @@ def run_alert(
                            output_topics=("defects",), max_batch=max_records, poll_timeout_ms=poll_timeout_ms,
                            idle_exit_s=idle_exit_s)
     try:
-        rs = StreamRuntime(settings.kafka, config, stage, health=health, stop=stop).run()
+        rs = StreamRuntime(settings.kafka, config, stage, health=health, stop=stop,
+                           failover=member_leases(settings, settings.alert.group_id, "alert")).run()
     finally:
         client.close()
     stats = AlertStats(records=rs.records, scores=stage.counts.scores, invalid=rs.rejected,

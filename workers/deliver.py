@@ -27,6 +27,7 @@ from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.redis_store import connect
 from pipeline.runtime.envelope import Envelope, Record, RecordError, Reject, StageResult
+from pipeline.runtime.failover import member_leases
 from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
 from pipeline.runtime.topics import DEFECTS
 from schemas.events import DefectEvent
@@ -141,7 +142,8 @@ def run_deliver(settings: Settings, stop: threading.Event, idle_exit_s: float | 
     config = RuntimeConfig(name="deliver", group_id=settings.deliver.group_id, topics=("defects",),
                            max_batch=max_records, poll_timeout_ms=poll_timeout_ms, idle_exit_s=idle_exit_s)
     try:
-        rs = StreamRuntime(settings.kafka, config, stage, health=health, stop=stop).run()
+        rs = StreamRuntime(settings.kafka, config, stage, health=health, stop=stop,
+                           failover=member_leases(settings, settings.deliver.group_id, "deliver")).run()
     finally:
         status_stop.set()
         status_thread.join(15.0)

@@ -17,6 +17,7 @@ from pipeline.engine.prompt_cache import MemoryCache, PromptCache
 from pipeline.health import Health, watch_dependencies
 from pipeline.logging import get_logger
 from pipeline.references.sync import ReferenceSync
+from pipeline.runtime.failover import member_leases
 from pipeline.runtime.loop import RuntimeConfig, StreamRuntime
 from pipeline.scoring.stage import ScoringStage, tiles_by_camera
 
@@ -75,7 +76,8 @@ def run_score(settings: Settings, stop: threading.Event, engine: AnomalyEngine |
         model_loaded.set()
     log.info("score_worker_started", group=settings.scoring.group_id, method=engine.method)
     runtime = StreamRuntime(settings.kafka, score_runtime_config(settings, idle_exit_s), stage,
-                            health=health, stop=stop)
+                            health=health, stop=stop,
+                            failover=member_leases(settings, settings.scoring.group_id, "score"))
     try:
         rs = runtime.run()
     finally:

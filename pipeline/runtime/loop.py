@@ -48,7 +48,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from pipeline.bus import create_topics, lag, make_consumer, make_producer, send_dead_letter, topic_partitions
 from pipeline.config import KafkaSettings
 from pipeline.health import Health
-from pipeline.kafka_compat import unpark_paused
+from pipeline.kafka_compat import member_id, request_rejoin, unpark_paused
 from pipeline.logging import get_logger
 from pipeline.metrics import RUNTIME_BATCH_SECONDS, RUNTIME_DEGRADED, RUNTIME_RECORDS
 from pipeline.runtime.envelope import (
@@ -62,6 +62,7 @@ from pipeline.runtime.envelope import (
     StageResult,
     first_line,
 )
+from pipeline.runtime.failover import MemberLeases
 from pipeline.runtime.policy import Backoff, is_record_error, is_transient, reason_code
 from pipeline.runtime.signals import stop_on_signals
 from pipeline.runtime.topics import codec_for, full_name
@@ -197,8 +198,9 @@ class _Pending:
 class StreamRuntime:
     def __init__(self, kafka: KafkaSettings, config: RuntimeConfig, stage: Stage, *,
                  health: Health | None = None, stop: threading.Event | None = None,
-                 beat: Callable[[], None] | None = None) -> None:
+                 beat: Callable[[], None] | None = None, failover: MemberLeases | None = None) -> None:
         self.kafka = kafka
+        self._failover = failover if config.group_id is not None else None
         self._beat_fn = beat
         self.config = config
         self.stage = stage
@@ -287,6 +289,8 @@ class StreamRuntime:
             except KafkaError as exc:
                 self._wait("broker", f"broker unavailable: {first_line(exc)}")
         self._started = True
+        if self._failover is not None:
+            self._failover.start()
         self._set_degraded(None)
         self.log.info("stream_started", topics=[full_name(self.kafka, t) for t in self.config.topics])
 
@@ -323,6 +327,8 @@ class StreamRuntime:
             self._commit(sync=True)
         except Exception as exc:
             self.log.warning("stream_final_commit_failed", error=first_line(exc))
+        if self._failover is not None:
+            self._failover.close()
         if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)
@@ -415,6 +421,7 @@ class StreamRuntime:
         after_hold = 0  # polls still due after a partition was held
         while True:
             unpark_paused(consumer)
+            self._watch_peers(consumer)
             polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_batch)
             timeout_ms = 0  # then only what is fetched already
             n = 0
@@ -451,6 +458,15 @@ class StreamRuntime:
                 after_hold -= 1
             if not self._fetching():
                 return added
+
+    def _watch_peers(self, consumer: KafkaConsumer) -> None:
+        """Fast failover: publish this member's id, rejoin at once when a dead peer was removed."""
+        if self._failover is None:
+            return
+        self._failover.set_member(member_id(consumer))
+        if self._failover.take_rejoin():
+            self.log.info("group_rejoin_after_removal", reason="a member without a beat was removed")
+            request_rejoin(consumer)
 
     def _fetching(self) -> bool:
         """Some partition may still bring records (not held, paused or read to its end)."""

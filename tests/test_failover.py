@@ -1,0 +1,208 @@
+"""Fast failover (pipeline.runtime.failover): a dead group member is removed by its peers after its
+Redis lease, not after the broker's session timeout; a member is never removed on old or missing
+evidence (one it never saw beating, beats from before a Redis restart, its own Redis trouble)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import pytest
+import redis
+from kafka import TopicPartition
+from pydantic import ValidationError
+
+from pipeline.bus import create_topics, make_producer, topic_name
+from pipeline.config import KafkaSettings, RedisSettings
+from pipeline.runtime.envelope import Envelope, Record, StageResult
+from pipeline.runtime.failover import MemberLeases, WatchState, due_evictions
+from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
+from tests.conftest import REPO_ROOT
+from tests.streaming_helpers import Background
+
+LEASE_MS = 1000.0
+
+
+# -- the decision ---------------------------------------------------------------------------------
+def healthy_state() -> WatchState:
+    return WatchState(healthy_since=0.0)
+
+
+def test_a_member_seen_beating_then_silent_for_a_lease_is_removed_once() -> None:
+    state = healthy_state()
+    assert due_evictions({"a": 10_000, "me": 10_000}, "me", 10_500, LEASE_MS, "run1", state, 100.0) == []
+    assert state.seen_alive == {"a": "run1"}
+    assert due_evictions({"a": 10_000, "me": 11_400}, "me", 11_400, LEASE_MS, "run1", state, 101.0) == ["a"]
+    # Once per silence: a member that stays silent (its removal failed, it cannot reach Redis) is
+    # left to the broker from then on.
+    assert due_evictions({"a": 10_000, "me": 12_000}, "me", 12_000, LEASE_MS, "run1", state, 102.0) == []
+
+
+def test_a_member_never_seen_beating_is_never_removed() -> None:
+    state = healthy_state()
+    # Already silent when this watcher first looks (it may have died before anyone saw it alive).
+    assert due_evictions({"old": 1_000, "me": 50_000}, "me", 50_000, LEASE_MS, "run1", state, 100.0) == []
+    assert state.seen_alive == {}
+
+
+def test_beats_from_before_a_redis_restart_do_not_count() -> None:
+    state = healthy_state()
+    due_evictions({"a": 10_000}, "me", 10_200, LEASE_MS, "run1", state, 100.0)
+    # Redis came back from a snapshot (new run id) holding a's old beat: not evidence of a death.
+    assert due_evictions({"a": 10_000}, "me", 20_000, LEASE_MS, "run2", state, 110.0) == []
+    # Once a beats again on the new run, its silence counts.
+    due_evictions({"a": 20_100}, "me", 20_200, LEASE_MS, "run2", state, 110.2)
+    assert due_evictions({"a": 20_100}, "me", 21_500, LEASE_MS, "run2", state, 111.5) == ["a"]
+
+
+def test_no_member_is_removed_until_the_watcher_reached_redis_for_a_whole_lease() -> None:
+    """After Redis was away from everyone, every beat is old: live members get a lease to beat again."""
+    state = WatchState(healthy_since=None)
+    due_evictions({"a": 10_000}, "me", 10_200, LEASE_MS, "run1", state, 100.0)
+    state.healthy_since = 105.0  # Redis back at 105 s after an outage
+    assert due_evictions({"a": 10_000}, "me", 15_000, LEASE_MS, "run1", state, 105.5) == []
+    # a beat again within the lease: alive, nothing to do.
+    assert due_evictions({"a": 15_300}, "me", 15_600, LEASE_MS, "run1", state, 106.1) == []
+    assert state.seen_alive == {"a": "run1"}
+
+
+def test_the_watcher_never_removes_itself() -> None:
+    state = healthy_state()
+    due_evictions({"me": 10_000}, "me", 10_100, LEASE_MS, "run1", state, 100.0)
+    assert due_evictions({"me": 10_000}, "me", 19_000, LEASE_MS, "run1", state, 109.0) == []
+
+
+def test_the_lease_must_be_below_the_session_timeout() -> None:
+    with pytest.raises(ValidationError, match=r"member_lease_ms \(2000\) must be below kafka\.session_timeout_ms"):
+        KafkaSettings(session_timeout_ms=2000, member_lease_ms=2000)
+    # The default lease is simply not used where the session timeout is no longer than it.
+    assert KafkaSettings(session_timeout_ms=1500).member_lease_ms is None
+    assert KafkaSettings(session_timeout_ms=6000).member_lease_ms == 2000
+
+
+# -- on the real broker and Redis -------------------------------------------------------------------
+class CountingStage(Stage):
+    def __init__(self) -> None:
+        self.handled: list[bytes] = []
+        self.assigned: list[set[TopicPartition]] = []
+
+    def decode(self, env: Envelope) -> bytes:
+        return env.value or b""
+
+    def handle(self, records: Sequence[Record[bytes]]) -> StageResult:
+        self.handled.extend(r.message for r in records)
+        return StageResult()
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self.assigned.append(set(partitions))
+
+
+# The victim: the same runtime with failover, in a process of its own (SIGKILL spares no thread).
+VICTIM = """
+import json, sys
+from pipeline.config import KafkaSettings
+from pipeline.redis_store import connect
+from pipeline.config import RedisSettings
+from pipeline.runtime.envelope import StageResult
+from pipeline.runtime.failover import MemberLeases
+from pipeline.runtime.loop import RuntimeConfig, Stage, StreamRuntime
+
+class Quiet(Stage):
+    def handle(self, records):
+        return StageResult()
+
+kafka = KafkaSettings(**json.loads(sys.argv[1]))
+redis_settings = RedisSettings(**json.loads(sys.argv[2]))
+group = sys.argv[3]
+leases = MemberLeases(connect(redis_settings), kafka, group, kafka.member_lease_ms / 1000,
+                      key_prefix=redis_settings.key_prefix, worker="victim")
+config = RuntimeConfig(name="victim", group_id=group, topics=("in",), producer=False)
+StreamRuntime(kafka, config, Quiet(), failover=leases).run()
+"""
+
+
+def member(kafka: KafkaSettings, redis_settings: RedisSettings, client: redis.Redis, group: str,
+           stage: Stage) -> tuple[Background, MemberLeases]:
+    assert kafka.member_lease_ms is not None
+    leases = MemberLeases(client, kafka, group, kafka.member_lease_ms / 1000, key_prefix=redis_settings.key_prefix,
+                          worker="survivor")
+    config = RuntimeConfig(name="survivor", group_id=group, topics=("in",), producer=False, poll_timeout_ms=200)
+    return Background(lambda stop: StreamRuntime(kafka, config, stage, stop=stop, failover=leases).run()), leases
+
+
+def wait_for(done: object, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_sigkilled_member_s_partitions_move_before_the_session_timeout(
+        kafka_settings: KafkaSettings, redis_settings: RedisSettings, redis_client: redis.Redis) -> None:
+    """Session timeout 8 s: the broker alone would hand the dead member's partition over after
+    about 8 s + a heartbeat + tansu's 4 s join wait. Removed after its 1 s lease, it moves after
+    the lease and the join wait."""
+    kafka = kafka_settings.model_copy(update={"session_timeout_ms": 8000, "member_lease_ms": 1000})
+    group = f"{kafka.topic_prefix}-g"
+    create_topics(kafka, names=("in",))
+    stage = CountingStage()
+    survivor, leases = member(kafka, redis_settings, redis_client, group, stage)
+    victim = subprocess.Popen(
+        [sys.executable, "-c", VICTIM, kafka.model_dump_json(), redis_settings.model_dump_json(), group],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with survivor:
+            wait_for(lambda: stage.assigned and len(stage.assigned[-1]) == 1, "one partition each", 60)
+            wait_for(lambda: len(leases.peers()) == 1, "the survivor to see the victim beat", 10)
+            killed = time.monotonic()
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            wait_for(lambda: len(stage.assigned[-1]) == 2, "the survivor to hold both partitions", 30)
+            took = time.monotonic() - killed
+            assert took < kafka.session_timeout_ms / 1000, f"{took:.1f} s: not before the session timeout"
+            assert leases.removed == 1
+            # And it reads the dead member's partition.
+            producer = make_producer(kafka)
+            for p in range(kafka.partitions):
+                producer.send(topic_name(kafka, "in"), value=f"after-{p}".encode(), partition=p)
+            producer.flush(30)
+            producer.close()
+            wait_for(lambda: {b"after-0", b"after-1"} <= set(stage.handled), "both partitions read", 30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+
+
+def test_a_member_that_leaves_is_not_removed_and_its_beat_is_gone(
+        kafka_settings: KafkaSettings, redis_settings: RedisSettings, redis_client: redis.Redis) -> None:
+    kafka = kafka_settings.model_copy(update={"member_lease_ms": 1000})
+    group = f"{kafka.topic_prefix}-g"
+    create_topics(kafka, names=("in",))
+    a_stage, b_stage = CountingStage(), CountingStage()
+    a, a_leases = member(kafka, redis_settings, redis_client, group, a_stage)
+    b, b_leases = member(kafka, redis_settings, redis_client, group, b_stage)
+    with a:
+        b.start()
+        wait_for(lambda: len(a_leases.peers()) == 1 and len(b_leases.peers()) == 1, "each to see the other", 60)
+        b.join()
+        key = f"{redis_settings.key_prefix}:group-members:{group}"
+        assert redis_client.zcard(key) == 1  # only a's beat is left
+        time.sleep(3 * 1.0)
+        assert a_leases.removed == 0
+        wait_for(lambda: a_stage.assigned and len(a_stage.assigned[-1]) == 2, "a to hold both partitions", 30)
+        assert a_leases.removed == 0
+
+
+def test_a_watch_that_cannot_reach_redis_keeps_the_worker_going(kafka_settings: KafkaSettings) -> None:
+    """Redis down: no beat, no removal, no exception out of a round; the worker is not concerned."""
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, socket_timeout=0.2)
+    leases = MemberLeases(dead, kafka_settings, "g", 1.0, key_prefix="x", worker="w")
+    leases.set_member("m-1")
+    assert leases.round() == []
+    assert leases.peers() == []
+    leases.close()
+
