@@ -441,6 +441,7 @@ def max_gap(times: list[float], after: float) -> float:
 
 # -- scenario 1: a scorer SIGKILLed mid-batch while another runs -------------------------------------
 SESSION_TIMEOUT_S = 6.0  # the rig's kafka.session_timeout_ms
+LEASE_S = (KafkaSettings().member_lease_ms or 0) / 1000  # the workers' default (fast failover)
 
 
 def assigned_partitions(r: Rig, w: Worker) -> set[int] | None:
@@ -500,19 +501,22 @@ def camera_stalls(scores: list[ScoreMessage], sent: set[tuple[str, int]]) -> dic
 
 def stall_design_bound(batch_s: float) -> float:
     """The longest stall this runtime can cause on tansu, part by part (each seen in the row's
-    stall_parts_s): the victim's batch in progress (1 batch); the broker noticing the dead member
-    (session timeout, + a heartbeat) while the survivor finishes its own batch (1 batch); tansu
-    answering the JoinGroup after half the session timeout (Kafka answers once every member
-    rejoined); the survivor re-scoring the victim's last batch, produced but not committed (the
-    scorer commits a batch once the next one is handled: 1 batch), then its killed batch (1 batch)."""
-    return SESSION_TIMEOUT_S + 1.0 + SESSION_TIMEOUT_S / 2 + 4 * batch_s
+    stall_parts_s): the victim's batch in progress (1 batch); the survivor finding the victim
+    silent in Redis for its member lease (+ a fifth of it between looks, + a second of scheduling)
+    and removing it, then finishing its own batch (1 batch) before it rejoins; tansu answering the
+    JoinGroup after half the session timeout (Kafka answers once every member rejoined); the
+    survivor re-scoring the victim's last batch, produced but not committed (the scorer commits a
+    batch once the next one is handled: 1 batch), then its killed batch (1 batch). Without the
+    lease (kafka.member_lease_ms null) the broker's session timeout takes its place."""
+    return 1.2 * LEASE_S + 1.0 + SESSION_TIMEOUT_S / 2 + 4 * batch_s
 
 
 def scenario_scorer_kill(small: bool = True, keep_logs: Path | None = None,
                          size: tuple[int, int] | None = None) -> Row:
     cameras, per_camera = size or ((3, 12) if small else (4, 60))
     row = Row("1 scorer SIGKILL", note=f"{cameras} cams x {per_camera} frames 96x72 (backlog), 2 scorers "
-              f"(one partition and half the cameras each) + alert; session timeout {SESSION_TIMEOUT_S:.0f} s")
+              f"(one partition and half the cameras each) + alert; session timeout {SESSION_TIMEOUT_S:.0f} s, "
+              f"member lease {LEASE_S:g} s")
     # Every frame is anomalous (threshold below any score) and frames come in bursts of 3 on capture
     # time: one event per burst; the last burst of each camera is closed by silence.
     with rig(keep_logs, LINEWATCH_ALERT__DEFAULT_THRESHOLD="-1.0", LINEWATCH_ALERT__K="2",

@@ -48,8 +48,9 @@ class KafkaSettings(Section):
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
     # A group member silent this long in Redis is removed by its peers, so a crashed worker's
     # partitions move in about this time instead of the session timeout (pipeline.runtime.failover).
-    # None: only the broker's session timeout. Needs redis.url.
-    member_lease_ms: int | None = Field(default=2000, ge=200)
+    # Members beat every fifth of it from a thread of their own. None: only the broker's session
+    # timeout. Needs redis.url.
+    member_lease_ms: int | None = Field(default=1000, ge=200)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     request_timeout_ms: int = Field(default=30_000, ge=1000)

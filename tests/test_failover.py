@@ -79,8 +79,8 @@ def test_the_lease_must_be_below_the_session_timeout() -> None:
     with pytest.raises(ValidationError, match=r"member_lease_ms \(2000\) must be below kafka\.session_timeout_ms"):
         KafkaSettings(session_timeout_ms=2000, member_lease_ms=2000)
     # The default lease is simply not used where the session timeout is no longer than it.
-    assert KafkaSettings(session_timeout_ms=1500).member_lease_ms is None
-    assert KafkaSettings(session_timeout_ms=6000).member_lease_ms == 2000
+    assert KafkaSettings(session_timeout_ms=1000).member_lease_ms is None
+    assert KafkaSettings(session_timeout_ms=6000).member_lease_ms == 1000
 
 
 # -- on the real broker and Redis -------------------------------------------------------------------
