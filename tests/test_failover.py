@@ -7,12 +7,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis
 from kafka import TopicPartition
+from kafka.errors import NoError
 from pydantic import ValidationError
 
 from pipeline.bus import create_topics, make_producer, topic_name
@@ -157,6 +160,11 @@ def test_a_sigkilled_member_s_partitions_move_before_the_session_timeout(
         with survivor:
             wait_for(lambda: stage.assigned and len(stage.assigned[-1]) == 1, "one partition each", 60)
             wait_for(lambda: len(leases.peers()) == 1, "the survivor to see the victim beat", 10)
+            # A settled group: a JoinGroup of the victim's still held by tansu (half the session
+            # timeout) would add the dead member back after its removal, for the broker to expire.
+            rounds = len(stage.assigned)
+            time.sleep(kafka.session_timeout_ms / 2000 + 1.0)
+            assert len(stage.assigned) == rounds and len(stage.assigned[-1]) == 1, stage.assigned
             killed = time.monotonic()
             victim.send_signal(signal.SIGKILL)
             victim.wait(10)
@@ -206,3 +214,46 @@ def test_a_watch_that_cannot_reach_redis_keeps_the_worker_going(kafka_settings: 
     assert leases.peers() == []
     leases.close()
 
+
+
+class SlowCoordinator:
+    """An admin client whose removals take 3 s (a coordinator under load)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.begun = threading.Event()
+
+    def remove_group_members(self, group_id: str, members: list[Any]) -> dict[Any, Any]:
+        self.begun.set()
+        time.sleep(3.0)
+        self.asked.extend(m.member_id for m in members)
+        return {members[0]: NoError}
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_slow_removal_does_not_silence_the_member_removing(kafka_settings: KafkaSettings,
+                                                             redis_client: redis.Redis) -> None:
+    """Removals wait on the broker; the beat goes on meanwhile, or this member would be removed next."""
+    coordinator = SlowCoordinator()
+    key_prefix = f"{kafka_settings.topic_prefix}-slow"
+    leases = MemberLeases(redis_client, kafka_settings, "g", 0.5, key_prefix=key_prefix, worker="w",
+                          admin_factory=lambda: coordinator)  # type: ignore[arg-type,return-value]
+    key = f"{key_prefix}:group-members:g"
+    leases.set_member("me")
+    seconds, micros = redis_client.time()
+    redis_client.zadd(key, {"peer": seconds * 1000 + micros / 1000})  # one beat, then silence
+    leases.start()
+    try:
+        assert coordinator.begun.wait(10), "the silent peer was never removed"
+        for _ in range(5):  # the removal takes 3 s: this member beats on all along
+            time.sleep(0.5)
+            seconds, micros = redis_client.time()
+            assert seconds * 1000 + micros / 1000 - (redis_client.zscore(key, "me") or 0) < 500
+        wait_for(lambda: leases.removed == 1, "the removal done", 10)
+        assert coordinator.asked == ["peer"]
+        assert leases.take_rejoin() is True and leases.take_rejoin() is False
+    finally:
+        leases.close()
+    assert redis_client.zscore(key, "me") is None  # a member that leaves takes its beat along

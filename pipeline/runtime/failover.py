@@ -26,16 +26,18 @@ Redis trouble never stops the worker: beats and watching resume by themselves.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from kafka import KafkaAdminClient
 from kafka.admin import MemberToRemove
-from kafka.errors import KafkaError, UnknownMemberIdError
+from kafka.errors import UnknownMemberIdError
 
 from pipeline.config import KafkaSettings, Settings
 from pipeline.logging import get_logger
@@ -108,8 +110,15 @@ class MemberLeases:
         self._rejoin = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Removals wait on the broker (up to its request timeout): never in the beating thread, or a
+        # slow coordinator would silence this member and get it removed in turn.
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix=f"{worker}-failover-remove")
         self._failing: str | None = None
         self.removed = 0
+        # The longest time between two beats that reached Redis: how close this member came to
+        # being taken for dead (logged at close; a value near the lease says the lease is too short).
+        self.longest_beat_gap_s = 0.0
+        self._last_beat: float | None = None
         self.log = log.bind(worker=worker, group=group_id)
 
     # -- the runtime's side ---------------------------------------------------------------------
@@ -140,11 +149,13 @@ class MemberLeases:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
-        try:
+        self._remover.shutdown(wait=False, cancel_futures=True)
+        self.log.info("failover_stopped", removed=self.removed, longest_beat_gap_s=round(self.longest_beat_gap_s, 3),
+                      lease_s=self.lease_s)
+        # Redis away: the beat lapses, and removing a member that already left is UNKNOWN_MEMBER_ID.
+        with contextlib.suppress(redis.RedisError):
             if self._beaten is not None:
                 self._client.zrem(self._key, self._beaten)
-        except redis.RedisError:
-            pass  # its beat lapses; nobody removes a member that already left (UNKNOWN_MEMBER_ID)
         if self._close_client:
             self._client.close()
         if self._admin is not None:
@@ -163,26 +174,27 @@ class MemberLeases:
                 self._failed(f"{type(exc).__name__}: {exc}")
 
     def round(self) -> list[str]:
-        """One beat and one look at the others; returns the members removed."""
+        """One beat and one look at the others; returns the members found dead (being removed)."""
         try:
             beats, now_ms, run_id = self._beat_and_read()
         except redis.RedisError as exc:
             self._failed(f"redis: {exc}")
             return []
+        beat_at = time.monotonic()
+        if self._last_beat is not None and self._member is not None:
+            self.longest_beat_gap_s = max(self.longest_beat_gap_s, beat_at - self._last_beat)
+        self._last_beat = beat_at
         if self._state.healthy_since is None:
-            self._state.healthy_since = time.monotonic()
+            self._state.healthy_since = beat_at
         if self._failing is not None:
             self.log.info("failover_watch_recovered", was=self._failing)
             self._failing = None
         with self._state_lock:
             due = due_evictions(beats, self._member, now_ms, self.lease_s * 1000, run_id, self._state,
                                 time.monotonic())
-        removed = [m for m in due if self._remove(m, (now_ms - beats[m]) / 1000.0)]
-        if due:
-            # Whoever removed it, this member's partitions change: rejoin now rather than on a
-            # heartbeat answer (tansu signals none after a removal until the session timeout).
-            self._rejoin.set()
-        return removed
+        for member in due:
+            self._remover.submit(self._remove, member, (now_ms - beats[member]) / 1000.0)
+        return due
 
     def _beat_and_read(self) -> tuple[dict[str, float], float, str]:
         seconds, micros = self._client.time()
@@ -205,16 +217,21 @@ class MemberLeases:
 
     def _remove(self, member: str, silent_s: float) -> bool:
         try:
-            if self._admin is None:
-                self._admin = self._admin_factory()
-            result: dict[Any, Any] = self._admin.remove_group_members(
-                self.group_id, [MemberToRemove(member_id=member, reason=f"no beat for {silent_s:.1f}s")])
-        except KafkaError as exc:
+            return self._remove_from_group(member, silent_s)
+        except Exception as exc:  # in an executor: unlogged, it would vanish
             self.log.warning("group_member_remove_failed", member=member, silent_s=round(silent_s, 2),
                              error=f"{type(exc).__name__}: {exc}")
             return False
         finally:
-            self._client.zrem(self._key, member)
+            # Once per silence, whatever the outcome (a beat left behind is forgotten in time anyway).
+            with contextlib.suppress(redis.RedisError):
+                self._client.zrem(self._key, member)
+
+    def _remove_from_group(self, member: str, silent_s: float) -> bool:
+        if self._admin is None:
+            self._admin = self._admin_factory()
+        result: dict[Any, Any] = self._admin.remove_group_members(
+            self.group_id, [MemberToRemove(member_id=member, reason=f"no beat for {silent_s:.1f}s")])
         error = next(iter(result.values()), None)
         if error is UnknownMemberIdError:  # another watcher was first, or it had left
             self.log.info("group_member_already_gone", member=member, silent_s=round(silent_s, 2))
@@ -223,6 +240,9 @@ class MemberLeases:
             self.log.warning("group_member_remove_refused", member=member, error=error.__name__)
             return False
         self.removed += 1
+        # Rejoin now rather than on a heartbeat's answer (a second later, or on tansu up to the
+        # session timeout); only after the removal, or the join could still count the dead member in.
+        self._rejoin.set()
         GROUP_MEMBERS_REMOVED.labels(worker=self.worker).inc()
         self.log.warning("group_member_removed", member=member, silent_s=round(silent_s, 2),
                          lease_s=self.lease_s)
@@ -230,6 +250,7 @@ class MemberLeases:
 
     def _failed(self, reason: str) -> None:
         self._state.healthy_since = None
+        self._last_beat = None  # an outage is not a gap in this member's beating
         if reason != self._failing:
             self.log.warning("failover_watch_failing", error=reason,
                              consequence="dead members are left to the broker's session timeout")
