@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from kafka import TopicPartition
-from kafka.errors import NoError
+from kafka.errors import NoError, NotCoordinatorError
 from pydantic import ValidationError
 
 from pipeline.bus import create_topics, make_producer, topic_name
@@ -196,6 +196,10 @@ def test_a_member_that_leaves_is_not_removed_and_its_beat_is_gone(
     with a:
         b.start()
         wait_for(lambda: len(a_leases.peers()) == 1 and len(b_leases.peers()) == 1, "each to see the other", 60)
+        # Settled (tansu keeps a leader that leaves mid-rebalance as leader: the other member's
+        # SyncGroup then fails round after round).
+        wait_for(lambda: all(st.assigned and len(st.assigned[-1]) == 1 for st in (a_stage, b_stage)),
+                 "one partition each", 60)
         b.join()
         key = f"{redis_settings.key_prefix}:group-members:{group}"
         assert redis_client.zcard(key) == 1  # only a's beat is left
@@ -206,13 +210,90 @@ def test_a_member_that_leaves_is_not_removed_and_its_beat_is_gone(
 
 
 def test_a_watch_that_cannot_reach_redis_keeps_the_worker_going(kafka_settings: KafkaSettings) -> None:
-    """Redis down: no beat, no removal, no exception out of a round; the worker is not concerned."""
+    """Redis down: no beat, no removal, the thread goes on; the worker is not concerned."""
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, socket_timeout=0.2)
     leases = MemberLeases(dead, kafka_settings, "g", 1.0, key_prefix="x", worker="w")
     leases.set_member("m-1")
-    assert leases.round() == []
-    assert leases.peers() == []
+    leases.start()
+    time.sleep(1.0)
+    assert leases._thread is not None and leases._thread.is_alive()
+    assert leases.peers() == [] and leases.removed == 0
     leases.close()
+
+
+class RecordingCoordinator:
+    """An admin client that refuses the first ``failures`` removals (coordinator moving, say)."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.asked: list[str] = []
+        self.failures = failures
+
+    def remove_group_members(self, group_id: str, members: list[Any]) -> dict[Any, Any]:
+        self.asked.extend(m.member_id for m in members)
+        if len(self.asked) <= self.failures:
+            raise NotCoordinatorError("coordinator moved")
+        return {members[0]: NoError}
+
+    def close(self) -> None:
+        pass
+
+
+def beat(client: redis.Redis, key: str, member: str) -> None:
+    seconds, micros = client.time()
+    client.zadd(key, {member: seconds * 1000 + micros / 1000})
+
+
+def test_a_watcher_that_paused_takes_nobody_for_dead_until_a_lease_has_passed(
+        kafka_settings: KafkaSettings, redis_client: redis.Redis) -> None:
+    """After a pause of its own (Redis slow to answer, the process frozen), the others' beats may
+    be as late as its own: they get a whole lease to beat again before anyone is removed."""
+    coordinator = RecordingCoordinator()
+    prefix = f"{kafka_settings.topic_prefix}-pause"
+    key = f"{prefix}:group-members:g"
+    leases = MemberLeases(redis_client, kafka_settings, "g", 1.0, key_prefix=prefix, worker="w",
+                          admin_factory=lambda: coordinator)  # type: ignore[arg-type,return-value]
+    leases.set_member("me")
+    for _ in range(7):  # 1.4 s of rounds every 0.2 s, the peer beating: healthy for a lease
+        beat(redis_client, key, "peer")
+        assert leases.round() == []
+        time.sleep(0.2)
+    assert leases.peers() == ["peer"]
+    time.sleep(1.5)  # this watcher pauses; the peer's beat is 1.7 s old when it looks again
+    assert leases.round() == []
+    for _ in range(6):  # the peer was alive all along: it beats again within the lease
+        beat(redis_client, key, "peer")
+        assert leases.round() == []
+        time.sleep(0.2)
+    assert leases.peers() == ["peer"]
+    # Had it not beaten again, it would have been due a lease after the pause, not before.
+    time.sleep(1.1)
+    assert leases.round() == []  # the first look after another pause: a lease of grace again
+    for _ in range(7):
+        due = leases.round()
+        if due:
+            break
+        time.sleep(0.2)
+    assert due == ["peer"]
+    leases.close()
+    assert coordinator.asked == []  # the remover was never started: nothing reached the broker
+
+
+def test_a_removal_the_broker_refused_is_tried_again(kafka_settings: KafkaSettings,
+                                                    redis_client: redis.Redis) -> None:
+    coordinator = RecordingCoordinator(failures=1)
+    prefix = f"{kafka_settings.topic_prefix}-retry"
+    key = f"{prefix}:group-members:g"
+    leases = MemberLeases(redis_client, kafka_settings, "g", 0.5, key_prefix=prefix, worker="w",
+                          admin_factory=lambda: coordinator)  # type: ignore[arg-type,return-value]
+    leases.set_member("me")
+    beat(redis_client, key, "peer")  # one beat, then silence
+    leases.start()
+    try:
+        wait_for(lambda: leases.removed == 1, "the removal, second try", 10)
+        assert coordinator.asked == ["peer", "peer"]
+        assert redis_client.zscore(key, "peer") is None
+    finally:
+        leases.close()
 
 
 

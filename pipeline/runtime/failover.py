@@ -27,10 +27,10 @@ Redis trouble never stops the worker: beats and watching resume by themselves.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,8 @@ log = get_logger(__name__)
 
 # Beats of members nobody removed (gone before anyone saw them beat) are dropped after this many leases.
 _FORGET_AFTER_LEASES = 30
+# Removals of one silent member tried before it is left to the broker's session timeout.
+_REMOVE_ATTEMPTS = 3
 
 
 @dataclass
@@ -95,24 +97,28 @@ class MemberLeases:
                  admin_factory: Callable[[], KafkaAdminClient] | None = None) -> None:
         self._client = client
         self._close_client = close_client
-        self._kafka = kafka
         self.group_id = group_id
         self.lease_s = lease_s
+        self._period = lease_s / 5
         self.worker = worker
         self._key = f"{key_prefix}:group-members:{group_id}"
         self._admin_factory = admin_factory or (
             lambda: KafkaAdminClient(**kafka.client_kwargs(), client_id=f"linewatch-{worker}-failover"))
         self._admin: KafkaAdminClient | None = None
+        self._admin_lock = threading.Lock()  # the remover uses it, close() closes it
         self._member: str | None = None
         self._beaten: str | None = None  # the id whose beats are in Redis
         self._state = WatchState()
-        self._state_lock = threading.Lock()  # peers() reads what the thread updates
+        self._state_lock = threading.Lock()  # peers() and the remover touch what the thread updates
+        self._attempts: dict[str, int] = {}  # removals tried per silent member
         self._rejoin = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Removals wait on the broker (up to its request timeout): never in the beating thread, or a
-        # slow coordinator would silence this member and get it removed in turn.
-        self._remover = ThreadPoolExecutor(1, thread_name_prefix=f"{worker}-failover-remove")
+        # slow coordinator would silence this member and get it removed in turn. A daemon: a removal
+        # in flight never holds up the process's exit.
+        self._removals: queue.Queue[tuple[str, float, str] | None] = queue.Queue()
+        self._remover: threading.Thread | None = None
         self._failing: str | None = None
         self.removed = 0
         # The longest time between two beats that reached Redis: how close this member came to
@@ -125,7 +131,10 @@ class MemberLeases:
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"{self.worker}-failover", daemon=True)
+            self._remover = threading.Thread(target=self._remove_loop, name=f"{self.worker}-failover-remove",
+                                             daemon=True)
             self._thread.start()
+            self._remover.start()
 
     def set_member(self, member_id: str | None) -> None:
         """This member's id in the group; an empty or None id (rebalancing) keeps the last one beating."""
@@ -138,7 +147,7 @@ class MemberLeases:
             return sorted(self._state.seen_alive)
 
     def take_rejoin(self) -> bool:
-        """True once after a peer was found dead: the caller should rejoin the group now."""
+        """True once after a peer was removed: the caller should rejoin the group now."""
         if self._rejoin.is_set():
             self._rejoin.clear()
             return True
@@ -147,61 +156,68 @@ class MemberLeases:
     def close(self) -> None:
         """Stop beating and drop this member's beat (a member leaving is not a member dying)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-        self._remover.shutdown(wait=False, cancel_futures=True)
-        self.log.info("failover_stopped", removed=self.removed, longest_beat_gap_s=round(self.longest_beat_gap_s, 3),
-                      lease_s=self.lease_s)
+        self._removals.put(None)
+        for thread in (self._thread, self._remover):
+            if thread is not None:
+                thread.join(2.0)
         # Redis away: the beat lapses, and removing a member that already left is UNKNOWN_MEMBER_ID.
         with contextlib.suppress(redis.RedisError):
             if self._beaten is not None:
                 self._client.zrem(self._key, self._beaten)
-        if self._close_client:
-            self._client.close()
-        if self._admin is not None:
+        # A removal still waiting on the broker keeps the admin client; the process or the next
+        # garbage collection ends it.
+        if self._admin_lock.acquire(timeout=0.5):
             try:
-                self._admin.close()
-            except Exception as exc:
-                self.log.warning("failover_admin_close_failed", error=str(exc))
+                if self._admin is not None:
+                    with contextlib.suppress(Exception):
+                        self._admin.close()
+                    self._admin = None
+            finally:
+                self._admin_lock.release()
+        if self._close_client and (self._remover is None or not self._remover.is_alive()):
+            self._client.close()
+        self.log.info("failover_stopped", removed=self.removed, longest_beat_gap_s=round(self.longest_beat_gap_s, 3),
+                      lease_s=self.lease_s)
 
-    # -- the thread -------------------------------------------------------------------------------
+    # -- the beating thread -----------------------------------------------------------------------
     def _run(self) -> None:
-        period = self.lease_s / 5
-        while not self._stop.wait(period):
+        while not self._stop.wait(self._period):
             try:
                 self.round()
             except Exception as exc:  # the watch must outlive anything: a dead one would get us removed
                 self._failed(f"{type(exc).__name__}: {exc}")
 
     def round(self) -> list[str]:
-        """One beat and one look at the others; returns the members found dead (being removed)."""
+        """One beat and one look at the others; returns the members found dead (queued for removal)."""
+        member = self._member
         try:
-            beats, now_ms, run_id = self._beat_and_read()
+            beats, now_ms, run_id = self._beat_and_read(member)
         except redis.RedisError as exc:
             self._failed(f"redis: {exc}")
             return []
         beat_at = time.monotonic()
-        if self._last_beat is not None and self._member is not None:
+        stalled = self._last_beat is not None and beat_at - self._last_beat > 2 * self._period
+        if self._last_beat is not None and member is not None:
             self.longest_beat_gap_s = max(self.longest_beat_gap_s, beat_at - self._last_beat)
         self._last_beat = beat_at
-        if self._state.healthy_since is None:
+        if self._state.healthy_since is None or stalled:
+            # Redis answered after a pause (or this process was frozen): the others' beats may be
+            # as late as ours. Nobody is taken for dead until a whole lease has passed since.
             self._state.healthy_since = beat_at
         if self._failing is not None:
             self.log.info("failover_watch_recovered", was=self._failing)
             self._failing = None
         with self._state_lock:
-            due = due_evictions(beats, self._member, now_ms, self.lease_s * 1000, run_id, self._state,
-                                time.monotonic())
-        for member in due:
-            self._remover.submit(self._remove, member, (now_ms - beats[member]) / 1000.0)
+            due = due_evictions(beats, member, now_ms, self.lease_s * 1000, run_id, self._state, beat_at)
+        for dead in due:
+            self._removals.put((dead, (now_ms - beats[dead]) / 1000.0, run_id))
         return due
 
-    def _beat_and_read(self) -> tuple[dict[str, float], float, str]:
+    def _beat_and_read(self, member: str | None) -> tuple[dict[str, float], float, str]:
         seconds, micros = self._client.time()
         now_ms = seconds * 1000 + micros / 1000
         run_id = str(self._client.info("server").get("run_id", ""))
         pipe = self._client.pipeline(transaction=False)
-        member = self._member
         if member is not None:
             if self._beaten is not None and self._beaten != member:
                 pipe.zrem(self._key, self._beaten)
@@ -215,30 +231,55 @@ class MemberLeases:
         raw: list[tuple[bytes, float]] = results[-2]
         return {m.decode(): score for m, score in raw}, now_ms, run_id
 
-    def _remove(self, member: str, silent_s: float) -> bool:
+    def _failed(self, reason: str) -> None:
+        self._state.healthy_since = None
+        self._last_beat = None  # an outage is not a gap in this member's beating
+        if reason != self._failing:
+            self.log.warning("failover_watch_failing", error=reason,
+                             consequence="dead members are left to the broker's session timeout")
+            self._failing = reason
+
+    # -- the removing thread ----------------------------------------------------------------------
+    def _remove_loop(self) -> None:
+        while (item := self._removals.get()) is not None and not self._stop.is_set():
+            self._remove(*item)
+
+    def _remove(self, member: str, silent_s: float, run_id: str) -> bool:
+        """Remove a silent member; a failed removal is tried again on the next rounds, up to
+        ``_REMOVE_ATTEMPTS`` times, after which it is left to the broker's session timeout."""
         try:
-            return self._remove_from_group(member, silent_s)
-        except Exception as exc:  # in an executor: unlogged, it would vanish
+            removed = self._remove_from_group(member, silent_s)
+        except Exception as exc:  # in a thread of its own: unlogged, it would vanish
+            attempts = self._attempts.get(member, 0) + 1
+            self._attempts[member] = attempts
+            again = attempts < _REMOVE_ATTEMPTS
             self.log.warning("group_member_remove_failed", member=member, silent_s=round(silent_s, 2),
-                             error=f"{type(exc).__name__}: {exc}")
-            return False
-        finally:
-            # Once per silence, whatever the outcome (a beat left behind is forgotten in time anyway).
-            with contextlib.suppress(redis.RedisError):
-                self._client.zrem(self._key, member)
+                             error=f"{type(exc).__name__}: {exc}", attempt=attempts, again=again)
+            if again:
+                with self._state_lock:  # due again on the next round, if still silent
+                    self._state.seen_alive[member] = run_id
+                return False
+            removed = False
+        self._attempts.pop(member, None)
+        # Once per silence (a beat left behind is forgotten in time anyway).
+        with contextlib.suppress(redis.RedisError):
+            self._client.zrem(self._key, member)
+        return removed
 
     def _remove_from_group(self, member: str, silent_s: float) -> bool:
-        if self._admin is None:
-            self._admin = self._admin_factory()
-        result: dict[Any, Any] = self._admin.remove_group_members(
-            self.group_id, [MemberToRemove(member_id=member, reason=f"no beat for {silent_s:.1f}s")])
+        with self._admin_lock:
+            if self._stop.is_set():
+                return False
+            if self._admin is None:
+                self._admin = self._admin_factory()
+            result: dict[Any, Any] = self._admin.remove_group_members(
+                self.group_id, [MemberToRemove(member_id=member, reason=f"no beat for {silent_s:.1f}s")])
         error = next(iter(result.values()), None)
         if error is UnknownMemberIdError:  # another watcher was first, or it had left
             self.log.info("group_member_already_gone", member=member, silent_s=round(silent_s, 2))
             return False
         if error is not None and error.errno != 0:
-            self.log.warning("group_member_remove_refused", member=member, error=error.__name__)
-            return False
+            raise error(f"LeaveGroup on behalf of {member} refused")
         self.removed += 1
         # Rejoin now rather than on a heartbeat's answer (a second later, or on tansu up to the
         # session timeout); only after the removal, or the join could still count the dead member in.
@@ -247,14 +288,6 @@ class MemberLeases:
         self.log.warning("group_member_removed", member=member, silent_s=round(silent_s, 2),
                          lease_s=self.lease_s)
         return True
-
-    def _failed(self, reason: str) -> None:
-        self._state.healthy_since = None
-        self._last_beat = None  # an outage is not a gap in this member's beating
-        if reason != self._failing:
-            self.log.warning("failover_watch_failing", error=reason,
-                             consequence="dead members are left to the broker's session timeout")
-            self._failing = reason
 
 
 def member_leases(settings: Settings, group_id: str, worker: str) -> MemberLeases | None:
@@ -265,5 +298,9 @@ def member_leases(settings: Settings, group_id: str, worker: str) -> MemberLease
         return None
     from pipeline.redis_store import connect
 
-    return MemberLeases(connect(settings.redis), settings.kafka, group_id, lease_ms / 1000.0,
+    # Its own client, answering within a fifth of the lease or failing (a failure is an outage: see
+    # WatchState.healthy_since), so that a slow Redis is never mistaken for silent members.
+    redis_settings = settings.redis.model_copy(update={"socket_timeout_s": min(settings.redis.socket_timeout_s,
+                                                                                 lease_ms / 5000.0)})
+    return MemberLeases(connect(redis_settings), settings.kafka, group_id, lease_ms / 1000.0,
                         key_prefix=settings.redis.key_prefix, worker=worker, close_client=True)

@@ -200,7 +200,9 @@ class StreamRuntime:
                  health: Health | None = None, stop: threading.Event | None = None,
                  beat: Callable[[], None] | None = None, failover: MemberLeases | None = None) -> None:
         self.kafka = kafka
-        self._failover = failover if config.group_id is not None else None
+        if failover is not None and config.group_id is None:
+            raise ValueError(f"{config.name}: failover needs a consumer group (group_id is None)")
+        self._failover = failover
         self._beat_fn = beat
         self.config = config
         self.stage = stage
@@ -328,7 +330,10 @@ class StreamRuntime:
         except Exception as exc:
             self.log.warning("stream_final_commit_failed", error=first_line(exc))
         if self._failover is not None:
-            self._failover.close()
+            try:
+                self._failover.close()
+            except Exception as exc:
+                self.log.warning("failover_close_failed", error=first_line(exc))
         if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)
