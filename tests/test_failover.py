@@ -91,6 +91,7 @@ class CountingStage(Stage):
     def __init__(self) -> None:
         self.handled: list[bytes] = []
         self.assigned: list[set[TopicPartition]] = []
+        self.revoked_at: list[float] = []  # time.monotonic() of each revocation
 
     def decode(self, env: Envelope) -> bytes:
         return env.value or b""
@@ -101,6 +102,9 @@ class CountingStage(Stage):
 
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
         self.assigned.append(set(partitions))
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        self.revoked_at.append(time.monotonic())
 
 
 # The victim: the same runtime with failover, in a process of its own (SIGKILL spares no thread).
@@ -145,9 +149,11 @@ def wait_for(done: object, what: str, timeout_s: float) -> None:
 
 def test_a_sigkilled_member_s_partitions_move_before_the_session_timeout(
         kafka_settings: KafkaSettings, redis_settings: RedisSettings, redis_client: redis.Redis) -> None:
-    """Session timeout 8 s: the broker alone would hand the dead member's partition over after
-    about 8 s + a heartbeat + tansu's 4 s join wait. Removed after its 1 s lease, it moves after
-    the lease and the join wait."""
+    """Session timeout 8 s: the broker alone notices the dead member after 8 s + a heartbeat, and
+    only then does the survivor give up its assignment to rejoin (13.1 s to hold both partitions).
+    Removed after its 1 s lease, the survivor rejoins at once. (How long tansu then holds the
+    join, one round of 4 s or, now and then on a loaded machine, more, is the broker's:
+    bench/README.md, scenario 1.)"""
     kafka = kafka_settings.model_copy(update={"session_timeout_ms": 8000, "member_lease_ms": 1000})
     group = f"{kafka.topic_prefix}-g"
     create_topics(kafka, names=("in",))
@@ -165,13 +171,17 @@ def test_a_sigkilled_member_s_partitions_move_before_the_session_timeout(
             rounds = len(stage.assigned)
             time.sleep(kafka.session_timeout_ms / 2000 + 1.0)
             assert len(stage.assigned) == rounds and len(stage.assigned[-1]) == 1, stage.assigned
+            revoked_before = len(stage.revoked_at)
             killed = time.monotonic()
             victim.send_signal(signal.SIGKILL)
             victim.wait(10)
-            wait_for(lambda: len(stage.assigned[-1]) == 2, "the survivor to hold both partitions", 30)
-            took = time.monotonic() - killed
-            assert took < kafka.session_timeout_ms / 1000, f"{took:.1f} s: not before the session timeout"
+            wait_for(lambda: len(stage.revoked_at) > revoked_before, "the survivor to rejoin", 30)
+            took = stage.revoked_at[revoked_before] - killed
+            # Without the removal: the session timeout and more (8.1 s measured); with it: the lease
+            # and a look (about 1.2 s). Half the session timeout tells them apart on a loaded machine.
+            assert took < kafka.session_timeout_ms / 2000, f"rejoined {took:.1f} s after the kill"
             assert leases.removed == 1
+            wait_for(lambda: len(stage.assigned[-1]) == 2, "the survivor to hold both partitions", 40)
             # And it reads the dead member's partition.
             producer = make_producer(kafka)
             for p in range(kafka.partitions):
